@@ -1,0 +1,194 @@
+//! The `chunkkv` command line: clap derive, llama.cpp's flag names.
+
+mod generate;
+mod info;
+mod models;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::llama::{
+    Backend, CacheType, ContextParams, FlashAttn, Model, ModelParams, SamplingParams,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chunkkv",
+    version,
+    about = "ChunkKV KV-cache compression for llama.cpp models",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Show llama.cpp's log (-v info, -vv debug). Logs go to stderr.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Version, backends and devices; with -m, the model's shape.
+    Info(info::InfoArgs),
+    /// List or fetch the built-in models.
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
+    /// Generate text from a prompt.
+    Generate(generate::GenerateArgs),
+}
+
+/// llama.cpp's multi-letter single-dash flags and the long flags they mean.
+/// clap's short flags are one letter, so these are rewritten before parsing.
+const LLAMA_FLAGS: &[(&str, &str)] = &[
+    ("-ngl", "--n-gpu-layers"),
+    ("-fa", "--flash-attn"),
+    ("-ctk", "--cache-type-k"),
+    ("-ctv", "--cache-type-v"),
+    ("-ub", "--ubatch-size"),
+    ("-sys", "--system-prompt"),
+];
+
+fn rewrite_llama_flag(arg: std::ffi::OsString) -> std::ffi::OsString {
+    let Some(s) = arg.to_str() else { return arg };
+    for (short, long) in LLAMA_FLAGS {
+        if s == *short {
+            return (*long).into();
+        }
+        if let Some(value) = s
+            .strip_prefix(short)
+            .and_then(|rest| rest.strip_prefix('='))
+        {
+            return format!("{long}={value}").into();
+        }
+    }
+    arg
+}
+
+impl Cli {
+    /// Parses the process arguments, accepting llama.cpp's `-ngl -fa -ctk -ctv -ub -sys`.
+    pub fn parse_args() -> Cli {
+        Cli::parse_from(Self::normalize(std::env::args_os()))
+    }
+
+    /// Rewrites llama.cpp-style flags; everything after `--` is left alone.
+    pub fn normalize(
+        args: impl IntoIterator<Item = std::ffi::OsString>,
+    ) -> Vec<std::ffi::OsString> {
+        let mut out = Vec::new();
+        let mut verbatim = false;
+        for a in args {
+            if verbatim {
+                out.push(a);
+                continue;
+            }
+            verbatim = a == "--";
+            out.push(rewrite_llama_flag(a));
+        }
+        out
+    }
+
+    pub fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Info(a) => info::run(a),
+            Command::Models(c) => models::run(c),
+            Command::Generate(a) => generate::run(a),
+        }
+    }
+}
+
+/// Which model, and where its layers run.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model: a .gguf path or a built-in name (see `chunkkv models list`).
+    #[arg(short = 'm', long = "model", default_value = crate::models::DEFAULT_MODEL)]
+    pub model: String,
+    /// Layers to offload to the GPU, -1 for all (-ngl).
+    #[arg(long = "n-gpu-layers", alias = "gpu-layers", default_value_t = -1, allow_negative_numbers = true)]
+    pub n_gpu_layers: i32,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<Model> {
+        let path = crate::models::resolve(&self.model)?;
+        let backend = Backend::init();
+        Ok(Model::load(
+            backend,
+            &path,
+            &ModelParams::default().with_n_gpu_layers(self.n_gpu_layers),
+        )?)
+    }
+}
+
+/// The context and its KV cache.
+#[derive(Debug, Clone, Args)]
+pub struct ContextArgs {
+    /// Context size in tokens (0: the model's training context).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
+    pub ctx_size: u32,
+    /// Logical batch size for prompt processing.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 2048)]
+    pub batch_size: u32,
+    /// Physical batch size (-ub).
+    #[arg(long = "ubatch-size", default_value_t = 512)]
+    pub ubatch_size: u32,
+    /// Threads (default: physical cores).
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<i32>,
+    /// Flash attention: on, off or auto (-fa).
+    #[arg(long = "flash-attn", default_value = "auto")]
+    pub flash_attn: FlashAttn,
+    /// K cache type: f16, bf16, q8_0, q4_0, ... (-ctk).
+    #[arg(long = "cache-type-k", default_value = "f16")]
+    pub cache_type_k: CacheType,
+    /// V cache type; quantized types need flash attention (-ctv).
+    #[arg(long = "cache-type-v", default_value = "f16")]
+    pub cache_type_v: CacheType,
+    /// Full-size sliding-window cache (more memory on iSWA models).
+    #[arg(long = "swa-full")]
+    pub swa_full: bool,
+}
+
+impl ContextArgs {
+    pub fn params(&self) -> ContextParams {
+        let mut p = ContextParams::default()
+            .with_n_ctx(self.ctx_size)
+            .with_n_batch(self.batch_size)
+            .with_n_ubatch(self.ubatch_size)
+            .with_flash_attn(self.flash_attn)
+            .with_type_k(self.cache_type_k)
+            .with_type_v(self.cache_type_v)
+            .with_swa_full(self.swa_full);
+        if let Some(t) = self.threads {
+            p = p.with_n_threads(t);
+        }
+        p
+    }
+}
+
+/// Token sampling.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Temperature; 0 samples greedily.
+    #[arg(long = "temp", default_value_t = 0.8)]
+    pub temp: f32,
+    #[arg(long = "top-k", default_value_t = 40)]
+    pub top_k: i32,
+    #[arg(long = "top-p", default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long = "min-p", default_value_t = 0.05)]
+    pub min_p: f32,
+    /// RNG seed (default: random).
+    #[arg(short = 's', long = "seed")]
+    pub seed: Option<u32>,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            seed: self.seed.unwrap_or(0xFFFF_FFFF),
+        }
+    }
+}

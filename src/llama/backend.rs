@@ -1,0 +1,138 @@
+//! The process-wide llama.cpp backend: initialized once, never freed, and the
+//! route by which llama.cpp's log reaches `tracing`.
+
+use std::ffi::{c_char, c_void, CStr};
+use std::sync::{Mutex, OnceLock};
+
+use crate::sys;
+
+/// Proof that llama.cpp's backend is initialized. Model loading takes one, so
+/// nothing can touch llama.cpp before `llama_backend_init` ran.
+#[derive(Debug)]
+pub struct Backend {
+    _private: (),
+}
+
+static BACKEND: OnceLock<Backend> = OnceLock::new();
+
+impl Backend {
+    /// Initializes llama.cpp (once per process) and routes its log to `tracing`
+    /// under the target `llama.cpp`.
+    pub fn init() -> &'static Backend {
+        BACKEND.get_or_init(|| {
+            // SAFETY: called once, before any other llama.cpp call; the callback is 'static.
+            unsafe {
+                sys::llama_log_set(Some(log_to_tracing), std::ptr::null_mut());
+                sys::llama_backend_init();
+            }
+            Backend { _private: () }
+        })
+    }
+
+    /// The compute devices ggml registered (CPU, CUDA GPUs, Metal, ...).
+    pub fn devices(&self) -> Vec<Device> {
+        // SAFETY: the registry is initialized; pointers returned are owned by ggml and live forever.
+        unsafe {
+            (0..sys::ggml_backend_dev_count())
+                .map(|i| {
+                    let dev = sys::ggml_backend_dev_get(i);
+                    let (mut free, mut total) = (0usize, 0usize);
+                    sys::ggml_backend_dev_memory(dev, &mut free, &mut total);
+                    Device {
+                        name: cstr(sys::ggml_backend_dev_name(dev)),
+                        description: cstr(sys::ggml_backend_dev_description(dev)),
+                        kind: match sys::ggml_backend_dev_type(dev) {
+                            sys::GGML_BACKEND_DEVICE_TYPE_CPU => DeviceKind::Cpu,
+                            sys::GGML_BACKEND_DEVICE_TYPE_GPU => DeviceKind::Gpu,
+                            sys::GGML_BACKEND_DEVICE_TYPE_IGPU => DeviceKind::IntegratedGpu,
+                            _ => DeviceKind::Accelerator,
+                        },
+                        memory_free: free as u64,
+                        memory_total: total as u64,
+                    }
+                })
+                .collect()
+        }
+    }
+
+    /// Whether any device besides the CPU can hold layers.
+    pub fn has_gpu(&self) -> bool {
+        self.devices()
+            .iter()
+            .any(|d| matches!(d.kind, DeviceKind::Gpu | DeviceKind::IntegratedGpu))
+    }
+
+    /// llama.cpp's one-line summary of CPU features and backends.
+    pub fn system_info(&self) -> String {
+        // SAFETY: returns a static C string.
+        unsafe { cstr(sys::llama_print_system_info()) }
+    }
+}
+
+/// A ggml compute device.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Device {
+    pub name: String,
+    pub description: String,
+    pub kind: DeviceKind,
+    pub memory_free: u64,
+    pub memory_total: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    Cpu,
+    Gpu,
+    IntegratedGpu,
+    Accelerator,
+}
+
+pub(crate) unsafe fn cstr(p: *const c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        CStr::from_ptr(p).to_string_lossy().into_owned()
+    }
+}
+
+/// llama.cpp logs in fragments (level CONT continues the previous line), so
+/// whole lines are assembled here before they reach `tracing`.
+static LOG_LINE: Mutex<(String, u32)> = Mutex::new((String::new(), 0));
+
+unsafe extern "C" fn log_to_tracing(
+    level: sys::ggml_log_level,
+    text: *const c_char,
+    _: *mut c_void,
+) {
+    if text.is_null() {
+        return;
+    }
+    let text = CStr::from_ptr(text).to_string_lossy();
+    // Never unwind into C: a panicking subscriber loses the line, nothing more.
+    let _ = std::panic::catch_unwind(|| {
+        let Ok(mut line) = LOG_LINE.lock() else {
+            return;
+        };
+        if level != sys::GGML_LOG_LEVEL_CONT {
+            line.1 = level;
+        }
+        line.0.push_str(&text);
+        while let Some(end) = line.0.find('\n') {
+            let msg: String = line.0.drain(..=end).collect();
+            emit(line.1, msg.trim_end());
+        }
+    });
+}
+
+fn emit(level: u32, msg: &str) {
+    if msg.is_empty() {
+        return;
+    }
+    match level {
+        sys::GGML_LOG_LEVEL_ERROR => tracing::error!(target: "llama.cpp", "{msg}"),
+        sys::GGML_LOG_LEVEL_WARN => tracing::warn!(target: "llama.cpp", "{msg}"),
+        sys::GGML_LOG_LEVEL_INFO => tracing::info!(target: "llama.cpp", "{msg}"),
+        _ => tracing::debug!(target: "llama.cpp", "{msg}"),
+    }
+}

@@ -1,0 +1,466 @@
+//! An inference context on a model: the KV cache, decode, logits, memory
+//! operations, sequence state and KV statistics.
+
+use std::ptr::NonNull;
+use std::str::FromStr;
+
+use super::batch::Batch;
+use super::error::{ContextError, DecodeError, StateError};
+use super::kv::{KvPart, KvStats};
+use super::model::{Model, Token};
+use crate::sys;
+
+/// A sequence id inside a context.
+pub type SeqId = i32;
+/// A token position inside a sequence.
+pub type Pos = i32;
+
+/// KV-cache element types llama.cpp supports for `-ctk` / `-ctv`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheType {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Iq4Nl,
+}
+
+impl CacheType {
+    pub const ALL: [CacheType; 9] = [
+        CacheType::F32,
+        CacheType::F16,
+        CacheType::Bf16,
+        CacheType::Q8_0,
+        CacheType::Q4_0,
+        CacheType::Q4_1,
+        CacheType::Q5_0,
+        CacheType::Q5_1,
+        CacheType::Iq4Nl,
+    ];
+
+    /// llama.cpp's name for the type (as `-ctk` takes it).
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheType::F32 => "f32",
+            CacheType::F16 => "f16",
+            CacheType::Bf16 => "bf16",
+            CacheType::Q8_0 => "q8_0",
+            CacheType::Q4_0 => "q4_0",
+            CacheType::Q4_1 => "q4_1",
+            CacheType::Q5_0 => "q5_0",
+            CacheType::Q5_1 => "q5_1",
+            CacheType::Iq4Nl => "iq4_nl",
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, CacheType::F32 | CacheType::F16 | CacheType::Bf16)
+    }
+
+    fn ggml(self) -> sys::ggml_type {
+        match self {
+            CacheType::F32 => sys::GGML_TYPE_F32,
+            CacheType::F16 => sys::GGML_TYPE_F16,
+            CacheType::Bf16 => sys::GGML_TYPE_BF16,
+            CacheType::Q8_0 => sys::GGML_TYPE_Q8_0,
+            CacheType::Q4_0 => sys::GGML_TYPE_Q4_0,
+            CacheType::Q4_1 => sys::GGML_TYPE_Q4_1,
+            CacheType::Q5_0 => sys::GGML_TYPE_Q5_0,
+            CacheType::Q5_1 => sys::GGML_TYPE_Q5_1,
+            CacheType::Iq4Nl => sys::GGML_TYPE_IQ4_NL,
+        }
+    }
+
+    pub(crate) fn from_ggml(t: i32) -> Option<CacheType> {
+        CacheType::ALL.into_iter().find(|c| c.ggml() as i32 == t)
+    }
+}
+
+impl std::fmt::Display for CacheType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for CacheType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        CacheType::ALL
+            .into_iter()
+            .find(|c| c.name() == s.to_ascii_lowercase())
+            .ok_or_else(|| {
+                let names: Vec<_> = CacheType::ALL.iter().map(|c| c.name()).collect();
+                format!(
+                    "unknown cache type `{s}` (expected one of: {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// Flash attention: llama.cpp's `-fa on|off|auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlashAttn {
+    On,
+    Off,
+    #[default]
+    Auto,
+}
+
+impl FromStr for FlashAttn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "on" | "1" | "true" | "enabled" => Ok(FlashAttn::On),
+            "off" | "0" | "false" | "disabled" => Ok(FlashAttn::Off),
+            "auto" | "-1" => Ok(FlashAttn::Auto),
+            _ => Err(format!(
+                "unknown flash-attention setting `{s}` (expected on, off or auto)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for FlashAttn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FlashAttn::On => "on",
+            FlashAttn::Off => "off",
+            FlashAttn::Auto => "auto",
+        })
+    }
+}
+
+/// How to create a context.
+#[derive(Debug, Clone)]
+pub struct ContextParams {
+    n_ctx: u32,
+    n_batch: u32,
+    n_ubatch: u32,
+    n_threads: i32,
+    flash_attn: FlashAttn,
+    type_k: CacheType,
+    type_v: CacheType,
+    swa_full: bool,
+}
+
+impl Default for ContextParams {
+    fn default() -> Self {
+        Self {
+            n_ctx: 0,
+            n_batch: 2048,
+            n_ubatch: 512,
+            n_threads: crate::hardware::physical_cores() as i32,
+            flash_attn: FlashAttn::Auto,
+            type_k: CacheType::F16,
+            type_v: CacheType::F16,
+            swa_full: false,
+        }
+    }
+}
+
+impl ContextParams {
+    /// Context size in tokens; 0 takes the model's training context.
+    pub fn with_n_ctx(mut self, n: u32) -> Self {
+        self.n_ctx = n;
+        self
+    }
+    /// Most tokens one `decode` call may take.
+    pub fn with_n_batch(mut self, n: u32) -> Self {
+        self.n_batch = n;
+        self
+    }
+    /// Tokens per physical micro-batch.
+    pub fn with_n_ubatch(mut self, n: u32) -> Self {
+        self.n_ubatch = n;
+        self
+    }
+    /// Threads for both prompt processing and generation.
+    pub fn with_n_threads(mut self, n: i32) -> Self {
+        self.n_threads = n;
+        self
+    }
+    pub fn with_flash_attn(mut self, fa: FlashAttn) -> Self {
+        self.flash_attn = fa;
+        self
+    }
+    pub fn with_type_k(mut self, t: CacheType) -> Self {
+        self.type_k = t;
+        self
+    }
+    pub fn with_type_v(mut self, t: CacheType) -> Self {
+        self.type_v = t;
+        self
+    }
+    /// Full-size sliding-window cache (llama.cpp's `--swa-full`); off bounds SWA memory.
+    pub fn with_swa_full(mut self, on: bool) -> Self {
+        self.swa_full = on;
+        self
+    }
+    pub fn n_ctx(&self) -> u32 {
+        self.n_ctx
+    }
+    pub fn flash_attn(&self) -> FlashAttn {
+        self.flash_attn
+    }
+    pub fn type_k(&self) -> CacheType {
+        self.type_k
+    }
+    pub fn type_v(&self) -> CacheType {
+        self.type_v
+    }
+}
+
+/// A llama.cpp context bound to the model it was made from.
+pub struct Context<'m> {
+    ptr: NonNull<sys::llama_context>,
+    model: &'m Model,
+    n_ctx: u32,
+    n_batch: u32,
+}
+
+// SAFETY: a llama_context may move between threads; it is not shared (no Sync).
+unsafe impl Send for Context<'_> {}
+
+impl Drop for Context<'_> {
+    fn drop(&mut self) {
+        // SAFETY: we own the pointer.
+        unsafe { sys::llama_free(self.ptr.as_ptr()) }
+    }
+}
+
+impl std::fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("n_ctx", &self.n_ctx)
+            .finish()
+    }
+}
+
+impl<'m> Context<'m> {
+    pub fn new(model: &'m Model, params: &ContextParams) -> Result<Context<'m>, ContextError> {
+        if params.flash_attn == FlashAttn::Off && params.type_v.is_quantized() {
+            return Err(ContextError::QuantizedVNeedsFlashAttention(
+                params.type_v.name(),
+            ));
+        }
+        if params.n_batch == 0 || params.n_ubatch == 0 || params.n_threads <= 0 {
+            return Err(ContextError::Invalid(
+                "batch sizes and threads must be positive".into(),
+            ));
+        }
+        if params.n_ctx > 0 && params.n_ctx < 16 {
+            return Err(ContextError::Invalid(format!(
+                "context size {} is too small (minimum 16)",
+                params.n_ctx
+            )));
+        }
+        let n_ctx_req = if params.n_ctx == 0 {
+            model.n_ctx_train()
+        } else {
+            params.n_ctx
+        };
+        // SAFETY: plain C struct from llama.cpp's defaults.
+        let ptr = unsafe {
+            let mut p = sys::llama_context_default_params();
+            p.n_ctx = n_ctx_req;
+            p.n_batch = params.n_batch.min(n_ctx_req.max(1));
+            p.n_ubatch = params.n_ubatch.min(p.n_batch);
+            p.n_seq_max = 1;
+            p.n_threads = params.n_threads;
+            p.n_threads_batch = params.n_threads;
+            p.flash_attn_type = match params.flash_attn {
+                FlashAttn::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                FlashAttn::Off => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                FlashAttn::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            };
+            p.type_k = params.type_k.ggml();
+            p.type_v = params.type_v.ggml();
+            p.swa_full = params.swa_full;
+            p.no_perf = true;
+            sys::llama_init_from_model(model.as_ptr(), p)
+        };
+        let ptr = NonNull::new(ptr).ok_or(ContextError::Rejected { n_ctx: n_ctx_req })?;
+        // SAFETY: valid context.
+        let (n_ctx, n_batch) = unsafe {
+            (
+                sys::llama_n_ctx(ptr.as_ptr()),
+                sys::llama_n_batch(ptr.as_ptr()),
+            )
+        };
+        Ok(Context {
+            ptr,
+            model,
+            n_ctx,
+            n_batch,
+        })
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Cells of the context (the most tokens one sequence can hold).
+    pub fn n_ctx(&self) -> u32 {
+        self.n_ctx
+    }
+
+    pub fn n_batch(&self) -> u32 {
+        self.n_batch
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut sys::llama_context {
+        self.ptr.as_ptr()
+    }
+
+    fn memory(&self) -> sys::llama_memory_t {
+        // SAFETY: valid context; the memory lives as long as it.
+        unsafe { sys::llama_get_memory(self.ptr.as_ptr()) }
+    }
+
+    /// Runs one batch through the model.
+    pub fn decode(&mut self, batch: &Batch) -> Result<(), DecodeError> {
+        if batch.len() == 0 {
+            return Err(DecodeError::Empty);
+        }
+        // SAFETY: the batch's arrays are valid for its n_tokens; decode copies them.
+        let code = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw()) };
+        DecodeError::from_code(code, self.n_ctx)
+    }
+
+    /// Feeds `tokens` to sequence `seq` at positions `start..`, in batches of
+    /// at most `n_batch`, and asks for logits of the last token only when
+    /// `logits_last`. Refuses up front if the tokens cannot fit.
+    pub fn decode_tokens(
+        &mut self,
+        tokens: &[Token],
+        start: Pos,
+        seq: SeqId,
+        logits_last: bool,
+    ) -> Result<(), DecodeError> {
+        if tokens.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let used = self
+            .kv_stats(KvPart::Base)
+            .map(|s| s.cells_used)
+            .unwrap_or(0);
+        if used as usize + tokens.len() > self.n_ctx as usize {
+            return Err(DecodeError::ContextFull {
+                needed: tokens.len(),
+                used,
+                n_ctx: self.n_ctx,
+            });
+        }
+        let mut batch = Batch::new(self.n_batch as usize);
+        let n = tokens.len();
+        for (i, chunk) in tokens.chunks(self.n_batch as usize).enumerate() {
+            batch.clear();
+            let base = i * self.n_batch as usize;
+            for (j, &t) in chunk.iter().enumerate() {
+                let k = base + j;
+                batch.push(t, start + k as Pos, seq, logits_last && k + 1 == n);
+            }
+            self.decode(&batch)?;
+        }
+        Ok(())
+    }
+
+    /// Logits of output row `i` of the last decode (-1: the last row), or
+    /// `None` if that row produced none.
+    pub fn logits_ith(&self, i: i32) -> Option<&[f32]> {
+        // SAFETY: llama.cpp returns NULL for rows without logits; otherwise n_vocab floats
+        // that stay valid until the next decode, which needs &mut self.
+        unsafe {
+            let p = sys::llama_get_logits_ith(self.ptr.as_ptr(), i);
+            (!p.is_null()).then(|| std::slice::from_raw_parts(p, self.model.n_vocab() as usize))
+        }
+    }
+
+    /// Statistics of one attention cache of this context.
+    pub fn kv_stats(&self, part: KvPart) -> Option<KvStats> {
+        let mut raw = sys::llama_kv_stats::default();
+        // SAFETY: valid context and out pointer.
+        let ok = unsafe { sys::llama_kv_stats_get(self.ptr.as_ptr(), part.raw(), &mut raw) };
+        ok.then(|| KvStats::from_raw(&raw))
+    }
+
+    /// Clears the whole memory (metadata and, with `data`, the buffers).
+    pub fn memory_clear(&mut self, data: bool) {
+        // SAFETY: valid memory.
+        unsafe { sys::llama_memory_clear(self.memory(), data) }
+    }
+
+    /// Removes positions `[p0, p1)` of `seq` (negative bounds are open). Returns
+    /// false if llama.cpp cannot remove a partial range (recurrent memory).
+    pub fn seq_rm(&mut self, seq: SeqId, p0: Pos, p1: Pos) -> bool {
+        // SAFETY: valid memory.
+        unsafe { sys::llama_memory_seq_rm(self.memory(), seq, p0, p1) }
+    }
+
+    pub fn seq_cp(&mut self, src: SeqId, dst: SeqId, p0: Pos, p1: Pos) {
+        // SAFETY: valid memory.
+        unsafe { sys::llama_memory_seq_cp(self.memory(), src, dst, p0, p1) }
+    }
+
+    pub fn seq_keep(&mut self, seq: SeqId) {
+        // SAFETY: valid memory.
+        unsafe { sys::llama_memory_seq_keep(self.memory(), seq) }
+    }
+
+    /// Adds `delta` to the positions `[p0, p1)` of `seq`.
+    pub fn seq_add(&mut self, seq: SeqId, p0: Pos, p1: Pos, delta: Pos) {
+        // SAFETY: valid memory.
+        unsafe { sys::llama_memory_seq_add(self.memory(), seq, p0, p1, delta) }
+    }
+
+    /// Smallest position of `seq`, `None` when empty.
+    pub fn seq_pos_min(&self, seq: SeqId) -> Option<Pos> {
+        // SAFETY: valid memory.
+        let p = unsafe { sys::llama_memory_seq_pos_min(self.memory(), seq) };
+        (p >= 0).then_some(p)
+    }
+
+    /// Largest position of `seq`, `None` when empty.
+    pub fn seq_pos_max(&self, seq: SeqId) -> Option<Pos> {
+        // SAFETY: valid memory.
+        let p = unsafe { sys::llama_memory_seq_pos_max(self.memory(), seq) };
+        (p >= 0).then_some(p)
+    }
+
+    /// Serializes one sequence's KV cells (metadata and K/V bytes).
+    pub fn state_seq_get(&self, seq: SeqId) -> Result<Vec<u8>, StateError> {
+        // SAFETY: valid context; buf is writable for its length.
+        unsafe {
+            let size = sys::llama_state_seq_get_size(self.ptr.as_ptr(), seq);
+            let mut buf = vec![0u8; size];
+            let n =
+                sys::llama_state_seq_get_data(self.ptr.as_ptr(), buf.as_mut_ptr(), buf.len(), seq);
+            if n == 0 && size != 0 {
+                return Err(StateError::Read);
+            }
+            buf.truncate(n);
+            Ok(buf)
+        }
+    }
+
+    /// Restores a sequence saved by [`Context::state_seq_get`] into `seq`
+    /// (which should be empty). A context with fewer cells works if they suffice.
+    pub fn state_seq_set(&mut self, seq: SeqId, data: &[u8]) -> Result<(), StateError> {
+        // SAFETY: data is readable for its length.
+        let n = unsafe {
+            sys::llama_state_seq_set_data(self.ptr.as_ptr(), data.as_ptr(), data.len(), seq)
+        };
+        if n == 0 {
+            Err(StateError::Rejected)
+        } else {
+            Ok(())
+        }
+    }
+}

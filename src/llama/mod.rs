@@ -1,0 +1,33 @@
+//! Safe bindings to the patched llama.cpp. Nothing outside this module touches
+//! `crate::sys`; no raw llama.cpp type appears in these signatures.
+
+mod backend;
+mod batch;
+mod context;
+mod detok;
+mod error;
+mod kv;
+mod model;
+mod sampler;
+
+pub use backend::{Backend, Device, DeviceKind};
+pub use batch::Batch;
+pub use context::{CacheType, Context, ContextParams, FlashAttn, Pos, SeqId};
+pub use detok::StreamDecoder;
+pub use error::{
+    ChatTemplateError, ContextError, DecodeError, LoadError, StateError, TokenizeError,
+};
+pub use kv::{KvPart, KvStats};
+pub use model::{apply_template, ChatMessage, Model, ModelInfo, ModelParams, Token};
+pub use sampler::{Sampler, SamplingParams};
+
+/// Version facts fixed at build time.
+pub mod version {
+    /// Version of the `llama-cpp-sys-2` crate that carries the llama.cpp source.
+    pub const CARRIER: &str = env!("CHUNKKV_CARRIER_VERSION");
+    pub const GGML: &str = env!("CHUNKKV_GGML_VERSION");
+    /// Our patches, in the order applied.
+    pub const PATCHES: &str = env!("CHUNKKV_PATCHES");
+    /// ggml backends compiled into this build.
+    pub const BACKENDS: &str = env!("CHUNKKV_BACKENDS");
+}

@@ -1,0 +1,197 @@
+//! Prompt prefill and token generation on one sequence, timed.
+//!
+//! Later stages (KV compression after prefill) hook in between the two.
+
+use std::time::Instant;
+
+use crate::llama::{Context, DecodeError, KvPart, KvStats, Pos, Sampler, StreamDecoder, Token};
+
+/// The sequence every single-conversation pipeline uses.
+pub const SEQ: i32 = 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt is {n_prompt} tokens but the context holds {n_ctx} (raise -c, or shorten the prompt)")]
+    PromptTooLong { n_prompt: usize, n_ctx: u32 },
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+/// Wall-clock timings of one generation, llama.cpp style.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    pub prefill_ms: f64,
+    pub prefill_tok_s: f64,
+    /// Prompt submitted to first token sampled.
+    pub ttft_ms: f64,
+    pub decode_ms: f64,
+    /// Tokens decoded after the first, per second.
+    pub decode_tok_s: f64,
+}
+
+/// The outcome of [`generate`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<Token>,
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    /// Why generation stopped.
+    pub stop: StopReason,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model emitted an end-of-generation token.
+    EndOfGeneration,
+    /// `n_predict` tokens were generated.
+    Length,
+    /// The context ran out of cells.
+    ContextFull,
+}
+
+fn rate(n: usize, ms: f64) -> f64 {
+    if ms > 0.0 {
+        n as f64 * 1000.0 / ms
+    } else {
+        0.0
+    }
+}
+
+/// Checks that a prompt fits before any work is done.
+pub fn check_prompt(ctx: &Context<'_>, n_prompt: usize) -> Result<(), PipelineError> {
+    if n_prompt == 0 {
+        return Err(PipelineError::EmptyPrompt);
+    }
+    // One cell must stay free for the first generated token.
+    if n_prompt >= ctx.n_ctx() as usize {
+        return Err(PipelineError::PromptTooLong {
+            n_prompt,
+            n_ctx: ctx.n_ctx(),
+        });
+    }
+    Ok(())
+}
+
+/// Prefills `prompt` at positions `start..` (logits for its last token) and
+/// returns the milliseconds it took.
+pub fn prefill(ctx: &mut Context<'_>, prompt: &[Token], start: Pos) -> Result<f64, PipelineError> {
+    let t = Instant::now();
+    ctx.decode_tokens(prompt, start, SEQ, true)?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Samples up to `n_predict` tokens after a prefill that ended at position
+/// `next_pos - 1`, streaming text pieces to `on_text`.
+pub fn decode(
+    ctx: &mut Context<'_>,
+    sampler: &mut Sampler,
+    next_pos: Pos,
+    n_predict: usize,
+    mut on_text: impl FnMut(&str),
+) -> Result<(Vec<Token>, String, StopReason, f64), PipelineError> {
+    let model = ctx.model();
+    let mut detok = StreamDecoder::new();
+    let mut tokens = Vec::new();
+    let mut text = String::new();
+    let mut pos = next_pos;
+    let t = Instant::now();
+    let mut stop = StopReason::Length;
+    while tokens.len() < n_predict {
+        let tok = sampler.sample(ctx, -1);
+        if model.is_eog(tok) {
+            stop = StopReason::EndOfGeneration;
+            break;
+        }
+        tokens.push(tok);
+        let piece = detok.push(model, tok);
+        on_text(&piece);
+        text.push_str(&piece);
+        if tokens.len() == n_predict {
+            break;
+        }
+        match ctx.decode_tokens(&[tok], pos, SEQ, true) {
+            Ok(()) => pos += 1,
+            Err(DecodeError::ContextFull { .. } | DecodeError::NoKvSlot { .. }) => {
+                stop = StopReason::ContextFull;
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let rest = detok.finish();
+    on_text(&rest);
+    text.push_str(&rest);
+    Ok((tokens, text, stop, t.elapsed().as_secs_f64() * 1e3))
+}
+
+/// Prefill then decode, from an empty sequence.
+pub fn generate(
+    ctx: &mut Context<'_>,
+    sampler: &mut Sampler,
+    prompt: &[Token],
+    n_predict: usize,
+    on_text: impl FnMut(&str),
+) -> Result<Generation, PipelineError> {
+    check_prompt(ctx, prompt.len())?;
+    let prefill_ms = prefill(ctx, prompt, 0)?;
+    let t_first = Instant::now();
+    let (tokens, text, stop, decode_ms) =
+        decode(ctx, sampler, prompt.len() as Pos, n_predict, on_text)?;
+    // The first token costs one sample after prefill; later ones a decode each.
+    let first_ms = if tokens.is_empty() {
+        0.0
+    } else {
+        t_first.elapsed().as_secs_f64() * 1e3 - decode_ms
+    };
+    let n_decoded = tokens.len().saturating_sub(1);
+    Ok(Generation {
+        n_prompt: prompt.len(),
+        n_gen: tokens.len(),
+        text,
+        tokens,
+        stop,
+        timings: Timings {
+            prefill_ms,
+            prefill_tok_s: rate(prompt.len(), prefill_ms),
+            ttft_ms: prefill_ms + first_ms.max(0.0),
+            decode_ms,
+            decode_tok_s: rate(n_decoded, decode_ms),
+        },
+    })
+}
+
+/// KV statistics of both attention caches, for reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KvReport {
+    pub cells_used: u32,
+    pub bytes_live: u64,
+    pub bytes_allocated: u64,
+    pub attn_width: u32,
+    pub size: u32,
+    pub type_k: Option<crate::llama::CacheType>,
+    pub type_v: Option<crate::llama::CacheType>,
+    /// The sliding-window cache of an iSWA model, reported separately.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swa: Option<KvStats>,
+}
+
+impl KvReport {
+    pub fn of(ctx: &Context<'_>) -> Option<KvReport> {
+        let base = ctx.kv_stats(KvPart::Base)?;
+        Some(KvReport {
+            cells_used: base.cells_used,
+            bytes_live: base.bytes_live,
+            bytes_allocated: base.bytes_allocated,
+            attn_width: base.attn_width,
+            size: base.size,
+            type_k: base.type_k,
+            type_v: base.type_v,
+            swa: ctx.kv_stats(KvPart::Swa),
+        })
+    }
+}

@@ -1,0 +1,156 @@
+//! The `chunkkv` binary end to end: JSON output and clear errors for bad input.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{bin, model_path};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run chunkkv")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Fails unless the command exited non-zero with exactly one error line mentioning `needle`.
+fn assert_one_line_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, stderr: {err}");
+    assert_eq!(o.status.code(), Some(1), "not a clean error exit: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in: {err}");
+}
+
+#[test]
+fn generate_json_reports_text_timings_and_kv() {
+    let model = model_path("smollm2-135m");
+    let o = run(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "Hello",
+        "-n",
+        "16",
+        "--temp",
+        "0",
+        "-c",
+        "512",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is pure JSON");
+    assert!(v["text"].is_string());
+    let n_prompt = v["n_prompt"].as_u64().unwrap();
+    let n_gen = v["n_gen"].as_u64().unwrap();
+    assert!(n_prompt >= 1);
+    assert!((1..=16).contains(&n_gen));
+    assert!(v["timings"]["prefill_tok_s"].as_f64().unwrap() > 0.0);
+    assert!(v["timings"]["decode_tok_s"].as_f64().unwrap() >= 0.0);
+    // Every prompt token and every generated token but the last is in the cache.
+    assert_eq!(
+        v["kv"]["cells_used"].as_u64().unwrap(),
+        n_prompt + n_gen - 1
+    );
+    assert!(v["kv"]["bytes_live"].as_u64().unwrap() > 0);
+    assert!(v["kv"]["bytes_allocated"].as_u64().unwrap() > v["kv"]["bytes_live"].as_u64().unwrap());
+}
+
+#[test]
+fn info_describes_build_and_model() {
+    let model = model_path("smollm2-135m");
+    let o = run(&["info", "-m", model.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ggml"], "0.26.0");
+    assert!(v["backends"].as_array().unwrap().iter().any(|b| b == "cpu"));
+    assert!(!v["devices"].as_array().unwrap().is_empty());
+    assert_eq!(v["model"]["n_layer"], 30);
+    assert_eq!(v["model"]["n_head_kv"], 3);
+}
+
+#[test]
+fn missing_model_file_is_a_clear_error() {
+    let o = run(&["generate", "-m", "/nonexistent/model.gguf", "-p", "hi"]);
+    assert_one_line_error(&o, "model file not found");
+}
+
+#[test]
+fn unknown_model_name_is_a_clear_error() {
+    let o = run(&["generate", "-m", "no-such-model", "-p", "hi"]);
+    assert_one_line_error(&o, "unknown model `no-such-model`");
+}
+
+#[test]
+fn non_gguf_file_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("chunkkv-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("not-a-model.gguf");
+    std::fs::write(&path, "this is plain text, not weights\n").unwrap();
+    let o = run(&["generate", "-m", path.to_str().unwrap(), "-p", "hi"]);
+    assert_one_line_error(&o, "is not a GGUF file");
+}
+
+#[test]
+fn truncated_gguf_is_a_clear_error() {
+    let bytes = std::fs::read(model_path("smollm2-135m")).unwrap();
+    let dir = std::env::temp_dir().join(format!("chunkkv-test-trunc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("truncated.gguf");
+    std::fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
+    let o = run(&["generate", "-m", path.to_str().unwrap(), "-p", "hi"]);
+    assert_one_line_error(&o, "could not load");
+}
+
+#[test]
+fn prompt_longer_than_context_is_a_clear_error() {
+    let model = model_path("smollm2-135m");
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(40);
+    let o = run(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-c",
+        "64",
+        "-p",
+        &long,
+    ]);
+    assert_one_line_error(&o, "but the context holds 64");
+}
+
+#[test]
+fn bad_cache_type_is_rejected() {
+    let o = run(&["generate", "-p", "hi", "-ctk", "q9_9"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unknown cache type `q9_9`"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn quantized_v_without_flash_attention_is_a_clear_error() {
+    let model = model_path("smollm2-135m");
+    let o = run(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "hi",
+        "-ctv",
+        "q8_0",
+        "-fa",
+        "off",
+        "-c",
+        "256",
+    ]);
+    assert_one_line_error(&o, "needs flash attention");
+}
