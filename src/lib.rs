@@ -1,11 +1,13 @@
 //! chunkkv: ChunkKV KV-cache compression inside llama.cpp.
 //!
 //! - [`llama`]: safe bindings to the pinned, patched llama.cpp.
+//! - [`compress`]: ChunkKV selection, layer reuse and the compaction hook.
 //! - [`models`]: built-in model names and their fetch-and-verify cache.
 //! - [`pipeline`]: prefill and generation on one sequence.
 //! - [`cli`]: the `chunkkv` command line.
 
 pub mod cli;
+pub mod compress;
 pub mod hardware;
 pub mod llama;
 pub mod models;

@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use crate::compress::{Budget, CompressError, CompressionReport, Compressor};
 use crate::llama::{Context, DecodeError, KvPart, KvStats, Pos, Sampler, StreamDecoder, Token};
 
 /// The sequence every single-conversation pipeline uses.
@@ -17,6 +18,15 @@ pub enum PipelineError {
     PromptTooLong { n_prompt: usize, n_ctx: u32 },
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Compress(#[from] CompressError),
+}
+
+/// KV compression to run right after the prompt's prefill.
+#[derive(Debug)]
+pub struct Hook<'a> {
+    pub compressor: &'a mut Compressor,
+    pub budget: Budget,
 }
 
 /// Wall-clock timings of one generation, llama.cpp style.
@@ -41,6 +51,8 @@ pub struct Generation {
     /// Why generation stopped.
     pub stop: StopReason,
     pub timings: Timings,
+    /// What the hook did, when one ran.
+    pub compression: Option<CompressionReport>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -129,16 +141,24 @@ pub fn decode(
     Ok((tokens, text, stop, t.elapsed().as_secs_f64() * 1e3))
 }
 
-/// Prefill then decode, from an empty sequence.
+/// Prefill (then the hook, if any), then decode, from an empty sequence.
 pub fn generate(
     ctx: &mut Context<'_>,
     sampler: &mut Sampler,
     prompt: &[Token],
     n_predict: usize,
+    hook: Option<Hook<'_>>,
     on_text: impl FnMut(&str),
 ) -> Result<Generation, PipelineError> {
     check_prompt(ctx, prompt.len())?;
-    let prefill_ms = prefill(ctx, prompt, 0)?;
+    let (prefill_ms, compression) = match hook {
+        None => (prefill(ctx, prompt, 0)?, None),
+        Some(h) => {
+            let n_keep = h.budget.cells_for(prompt.len());
+            let done = h.compressor.prefill(ctx, prompt, 0, n_keep, h.budget.json())?;
+            (done.ms, Some(done.report))
+        }
+    };
     let t_first = Instant::now();
     let (tokens, text, stop, decode_ms) =
         decode(ctx, sampler, prompt.len() as Pos, n_predict, on_text)?;
@@ -155,6 +175,7 @@ pub fn generate(
         text,
         tokens,
         stop,
+        compression,
         timings: Timings {
             prefill_ms,
             prefill_tok_s: rate(prompt.len(), prefill_ms),

@@ -13,7 +13,7 @@ fn greedy(n: usize) -> (Vec<Token>, String) {
     let mut ctx = small_ctx(model, 512);
     let tokens = model.tokenize(PROMPT, true, false).unwrap();
     let mut sampler = Sampler::new(&SamplingParams::greedy());
-    let g = pipeline::generate(&mut ctx, &mut sampler, &tokens, n, |_| {}).unwrap();
+    let g = pipeline::generate(&mut ctx, &mut sampler, &tokens, n, None, |_| {}).unwrap();
     (g.tokens, g.text)
 }
 

@@ -122,7 +122,7 @@ fn prompt_longer_than_context_is_a_clear_error() {
         "-p",
         &long,
     ]);
-    assert_one_line_error(&o, "but the context holds 64");
+    assert_one_line_error(&o, "tokens but the context holds");
 }
 
 #[test]

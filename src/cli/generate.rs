@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 
-use super::{ContextArgs, ModelArgs, SamplingArgs};
+use super::{CompressArgs, ContextArgs, ModelArgs, SamplingArgs};
 use crate::llama::{ChatMessage, Context, Sampler};
 use crate::pipeline::{self, KvReport};
 
@@ -38,6 +38,8 @@ pub struct GenerateArgs {
     pub context: ContextArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub compress: CompressArgs,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -57,11 +59,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut ctx = Context::new(&model, &args.context.params())?;
     pipeline::check_prompt(&ctx, tokens.len())?;
     let mut sampler = Sampler::new(&args.sampling.params());
+    let mut compressor = args.compress.compressor(&ctx)?;
+    let hook = compressor.as_mut().map(|compressor| pipeline::Hook { compressor, budget: args.compress.budget });
 
     let stream = !args.json;
     let mut stdout = std::io::stdout().lock();
     let generation =
-        pipeline::generate(&mut ctx, &mut sampler, &tokens, args.n_predict, |piece| {
+        pipeline::generate(&mut ctx, &mut sampler, &tokens, args.n_predict, hook, |piece| {
             if stream {
                 let _ = stdout.write_all(piece.as_bytes());
                 let _ = stdout.flush();
@@ -79,6 +83,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "timings": t,
             "kv": kv,
         });
+        let mut out = out;
+        if let Some(c) = &generation.compression {
+            out["compression"] = serde_json::to_value(c)?;
+        }
         writeln!(stdout, "{}", serde_json::to_string_pretty(&out)?)?;
     } else {
         writeln!(stdout)?;
@@ -86,6 +94,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "\nprompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s | ttft {:.0} ms",
             generation.n_prompt, t.prefill_tok_s, generation.n_gen, t.decode_tok_s, t.ttft_ms
         );
+        if let Some(c) = &generation.compression {
+            eprintln!(
+                "{}: kept {} of {} cells ({:.2} -> {:.2} MiB live, attention width {} -> {}) in {:.1} ms",
+                c.method,
+                c.cells_after,
+                c.cells_before,
+                c.bytes_live_before as f64 / (1u64 << 20) as f64,
+                c.bytes_live_after as f64 / (1u64 << 20) as f64,
+                c.attn_width_before,
+                c.attn_width_after,
+                c.ms.importance + c.ms.select + c.ms.compact
+            );
+        }
         if let Some(kv) = kv {
             eprintln!(
                 "kv: {} cells used of {}, {:.2} MiB live of {:.2} MiB allocated",

@@ -6,9 +6,8 @@ mod models;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::llama::{
-    Backend, CacheType, ContextParams, FlashAttn, Model, ModelParams, SamplingParams,
-};
+use crate::compress::{Budget, ChunkKv, ChunkScore, CompressError, Compressor, Method};
+use crate::llama::{Backend, CacheType, Context, ContextParams, FlashAttn, Model, ModelParams, SamplingParams};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -190,5 +189,53 @@ impl SamplingArgs {
             min_p: self.min_p,
             seed: self.seed.unwrap_or(0xFFFF_FFFF),
         }
+    }
+}
+
+/// KV-cache compression after prefill.
+#[derive(Debug, Clone, Args)]
+pub struct CompressArgs {
+    /// Compression method (none: llama.cpp's default cache).
+    #[arg(long = "kv-method", value_enum, default_value = "none")]
+    pub method: Method,
+    /// Cells to keep: a share (0.1), a percentage (10%) or a token count (512).
+    #[arg(long = "kv-budget", default_value = "0.1")]
+    pub budget: Budget,
+    /// ChunkKV chunk size in tokens.
+    #[arg(long = "chunk-size", default_value_t = 10)]
+    pub chunk_size: usize,
+    /// Observation window: the last prompt tokens, which score the cache and are always kept.
+    #[arg(long = "kv-window", default_value_t = 32)]
+    pub window: usize,
+    /// Layers per reuse group sharing one kept set (1: no reuse).
+    #[arg(long = "reuse-layers", default_value_t = 2)]
+    pub reuse_layers: usize,
+    /// How a chunk's score is formed from its tokens' scores.
+    #[arg(long = "chunk-score", value_enum, default_value = "sum")]
+    pub chunk_score: ChunkScore,
+    /// Average-pool token scores with this kernel before chunking (0: off).
+    #[arg(long = "kv-pool", default_value_t = 0)]
+    pub pool: usize,
+}
+
+impl CompressArgs {
+    /// The compressor these flags ask for, or `None` for `--kv-method none`.
+    pub fn compressor(&self, ctx: &Context<'_>) -> Result<Option<Compressor>, CompressError> {
+        if self.chunk_size == 0 {
+            return Err(CompressError::Config("--chunk-size must be at least 1".into()));
+        }
+        if self.window == 0 {
+            return Err(CompressError::Config("--kv-window must be at least 1".into()));
+        }
+        let policy = match self.method {
+            Method::None => return Ok(None),
+            Method::Chunkkv => Box::new(ChunkKv {
+                chunk_size: self.chunk_size,
+                window: self.window,
+                chunk_score: self.chunk_score,
+                pool: (self.pool > 1).then_some(self.pool),
+            }),
+        };
+        Compressor::new(ctx, policy, self.window, self.reuse_layers).map(Some)
     }
 }

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use super::batch::Batch;
 use super::error::{ContextError, DecodeError, StateError};
-use super::kv::{KvPart, KvStats};
+use super::kv::{CompactError, KvPart, KvStats, LayerImportance, ScoreRows};
 use super::model::{Model, Token};
 use crate::sys;
 
@@ -315,6 +315,12 @@ impl<'m> Context<'m> {
         self.n_batch
     }
 
+    /// Tokens per physical micro-batch.
+    pub fn n_ubatch(&self) -> u32 {
+        // SAFETY: valid context.
+        unsafe { sys::llama_n_ubatch(self.ptr.as_ptr()) }
+    }
+
     pub(crate) fn as_ptr(&self) -> *mut sys::llama_context {
         self.ptr.as_ptr()
     }
@@ -326,7 +332,7 @@ impl<'m> Context<'m> {
 
     /// Runs one batch through the model.
     pub fn decode(&mut self, batch: &Batch) -> Result<(), DecodeError> {
-        if batch.len() == 0 {
+        if batch.is_empty() {
             return Err(DecodeError::Empty);
         }
         // SAFETY: the batch's arrays are valid for its n_tokens; decode copies them.
@@ -461,6 +467,107 @@ impl<'m> Context<'m> {
             Err(StateError::Rejected)
         } else {
             Ok(())
+        }
+    }
+
+    /// Model-layer index of each storage layer of a cache part, in storage order.
+    pub fn kv_layers(&self, part: KvPart) -> Vec<u32> {
+        // SAFETY: valid context; out holds n entries.
+        unsafe {
+            let n = sys::llama_kv_layers(self.ptr.as_ptr(), part.raw(), std::ptr::null_mut(), 0);
+            if n <= 0 {
+                return Vec::new();
+            }
+            let mut out = vec![0i32; n as usize];
+            sys::llama_kv_layers(self.ptr.as_ptr(), part.raw(), out.as_mut_ptr(), n);
+            out.into_iter().map(|x| x as u32).collect()
+        }
+    }
+
+    /// Stored position of every cell of `seq`'s stream (`None`: empty).
+    pub fn kv_cell_positions(&self, part: KvPart, seq: SeqId) -> Vec<Option<Pos>> {
+        // SAFETY: valid context; out holds n entries.
+        unsafe {
+            let n = sys::llama_kv_cell_pos(self.ptr.as_ptr(), part.raw(), seq, std::ptr::null_mut(), 0);
+            if n <= 0 {
+                return Vec::new();
+            }
+            let mut out = vec![-1i32; n as usize];
+            sys::llama_kv_cell_pos(self.ptr.as_ptr(), part.raw(), seq, out.as_mut_ptr(), n);
+            out.into_iter().map(|p| (p >= 0).then_some(p)).collect()
+        }
+    }
+
+    /// Makes the following decodes also compute attention importance for
+    /// the model layers flagged in `layers` (patch 0002). Clears earlier sums.
+    pub fn importance_begin(&mut self, layers: &[bool], rows: ScoreRows) {
+        let flags: Vec<u8> = layers.iter().map(|&b| b as u8).collect();
+        let n_window = match rows {
+            ScoreRows::Last(n) => n.max(1) as i32,
+            ScoreRows::All => 0,
+        };
+        // SAFETY: flags outlives the call (llama.cpp copies it).
+        unsafe {
+            sys::llama_kv_importance_clear(self.ptr.as_ptr());
+            sys::llama_kv_importance_set(self.ptr.as_ptr(), flags.as_ptr(), flags.len() as i32, n_window);
+        }
+    }
+
+    /// Stops computing importance; the sums stay readable.
+    pub fn importance_end(&mut self) {
+        // SAFETY: NULL layers turns scoring off.
+        unsafe {
+            sys::llama_kv_importance_set(self.ptr.as_ptr(), std::ptr::null(), 0, -1);
+        }
+    }
+
+    /// Importance summed since [`Context::importance_begin`] for model layer `il`.
+    pub fn importance(&self, il: u32) -> Option<LayerImportance> {
+        let n_head_kv = self.model.layer_n_head_kv(il) as usize;
+        let n_ctx = self.n_ctx as usize;
+        let mut buf = vec![0f32; n_head_kv * n_ctx];
+        // SAFETY: buf holds n_head_kv * n_ctx floats.
+        let n = unsafe { sys::llama_kv_importance_get(self.ptr.as_ptr(), il as i32, buf.as_mut_ptr(), buf.len() as i32) };
+        if n < 0 {
+            return None;
+        }
+        Some(LayerImportance { layer: il, per_head: buf.chunks(n_ctx).map(<[f32]>::to_vec).collect() })
+    }
+
+    /// Moves kept cells to slots `0..n_keep` on the device (patch 0003).
+    /// `src[l][h]` lists, for storage layer `l` and KV head `h`, the `n_keep`
+    /// cells to keep in slot order; slot `i` gets position `slot_pos[i]`.
+    pub fn kv_compact(&mut self, part: KvPart, seq: SeqId, src: &[Vec<Vec<i32>>], slot_pos: &[Pos]) -> Result<(), CompactError> {
+        let n_keep = slot_pos.len();
+        let mut flat = Vec::with_capacity(src.len() * n_keep * 4);
+        for layer in src {
+            for head in layer {
+                if head.len() != n_keep {
+                    return Err(CompactError::BadArguments);
+                }
+                flat.extend_from_slice(head);
+            }
+        }
+        let layers = self.kv_layers(part);
+        if layers.is_empty() {
+            return Err(CompactError::NoCache);
+        }
+        let expected: usize = layers.iter().map(|&il| self.model.layer_n_head_kv(il) as usize * n_keep).sum();
+        if src.len() != layers.len() || flat.len() != expected || n_keep == 0 {
+            return Err(CompactError::BadArguments);
+        }
+        // SAFETY: flat and slot_pos hold exactly the entries llama_kv_compact reads (checked above).
+        let rc = unsafe {
+            sys::llama_kv_compact(self.ptr.as_ptr(), part.raw(), seq, flat.as_ptr(), slot_pos.as_ptr(), n_keep as u32)
+        };
+        match rc {
+            0 => Ok(()),
+            -1 => Err(CompactError::BadArguments),
+            -2 => Err(CompactError::SharedStream),
+            -3 => Err(CompactError::UnsupportedLayout),
+            -4 => Err(CompactError::SharedCells),
+            -5 => Err(CompactError::Compute),
+            c => Err(CompactError::Other(c)),
         }
     }
 }

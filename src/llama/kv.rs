@@ -57,3 +57,38 @@ impl KvStats {
         }
     }
 }
+
+/// Which query rows of a decode score the keys (patch 0002).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreRows {
+    /// The last `n` rows of each micro-batch (an observation window).
+    Last(u32),
+    /// Every row (H2O's accumulated attention).
+    All,
+}
+
+/// Attention importance of one model layer, by cell: `per_head[h][cell]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerImportance {
+    pub layer: u32,
+    pub per_head: Vec<Vec<f32>>,
+}
+
+/// Failure of an on-device compaction (codes of `llama_kv_compact`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CompactError {
+    #[error("invalid compaction arguments (a source cell is empty or out of range, or n_keep is 0 or too large)")]
+    BadArguments,
+    #[error("the KV stream is shared with another sequence or has a pending shift")]
+    SharedStream,
+    #[error("this KV-cache layout cannot be compacted (padded rows or quantized transposed V)")]
+    UnsupportedLayout,
+    #[error("this cache shares its cells with another cache")]
+    SharedCells,
+    #[error("the compaction graph failed to run on the device")]
+    Compute,
+    #[error("the context has no such KV cache")]
+    NoCache,
+    #[error("llama_kv_compact returned {0}")]
+    Other(i32),
+}

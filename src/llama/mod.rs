@@ -17,7 +17,7 @@ pub use detok::StreamDecoder;
 pub use error::{
     ChatTemplateError, ContextError, DecodeError, LoadError, StateError, TokenizeError,
 };
-pub use kv::{KvPart, KvStats};
+pub use kv::{CompactError, KvPart, KvStats, LayerImportance, ScoreRows};
 pub use model::{apply_template, ChatMessage, Model, ModelInfo, ModelParams, Token};
 pub use sampler::{Sampler, SamplingParams};
 

@@ -169,6 +169,12 @@ impl Model {
         unsafe { sys::llama_model_layer_is_swa(self.ptr.as_ptr(), il as i32) }
     }
 
+    /// KV heads of layer `il` (0 when out of range).
+    pub fn layer_n_head_kv(&self, il: u32) -> u32 {
+        // SAFETY: valid model; out-of-range il returns 0.
+        unsafe { sys::llama_model_layer_n_head_kv(self.ptr.as_ptr(), il as i32) }
+    }
+
     pub fn info(&self) -> ModelInfo {
         let m = self.ptr.as_ptr();
         // SAFETY: valid model; all calls are read-only getters.

@@ -1,0 +1,353 @@
+//! The hook after prefill: score the cache, select, compact on the device.
+//!
+//! Prefill all but the last `w` prompt tokens, decode those `w` with
+//! importance on for the leader layers, let the policy pick what to keep,
+//! then move the kept K/V rows to the bottom of the cache so the attention
+//! width and the live bytes really shrink. It can run again on a cache it
+//! already compressed (a later chat turn).
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::policy::{HeadCandidates, LayerCandidates, Policy};
+use super::reuse::ReuseGroups;
+use super::slots::SlotTable;
+use crate::llama::{CompactError, Context, DecodeError, KvPart, LayerImportance, Pos, ScoreRows, Token};
+use crate::pipeline::SEQ;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompressError {
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("invalid compression settings: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("KV compaction failed: {0}")]
+    Compact(#[from] CompactError),
+    #[error("llama.cpp computed no attention importance for layer {0}")]
+    NoImportance(u32),
+}
+
+/// Milliseconds spent in each stage of one compression.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct StageMs {
+    /// The scored decode of the window (its normal compute included) and the read-back.
+    pub importance: f64,
+    pub select: f64,
+    pub compact: f64,
+}
+
+/// What one prefill-and-compress did. The JSON keys are a stable interface.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CompressionReport {
+    pub method: String,
+    pub budget: serde_json::Value,
+    pub n_prompt: usize,
+    pub n_keep: usize,
+    pub cells_before: u32,
+    pub cells_after: u32,
+    pub bytes_live_before: u64,
+    pub bytes_live_after: u64,
+    pub attn_width_before: u32,
+    pub attn_width_after: u32,
+    pub ms: StageMs,
+}
+
+/// Scores, selects and compacts one sequence's attention cache.
+pub struct Compressor {
+    policy: Box<dyn Policy>,
+    window: usize,
+    groups: ReuseGroups,
+    /// Model-layer index of each compressed storage layer.
+    layers: Vec<u32>,
+    /// KV heads of each compressed storage layer.
+    heads: Vec<usize>,
+    slots: SlotTable,
+}
+
+impl std::fmt::Debug for Compressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compressor").field("policy", &self.policy.name()).field("window", &self.window).finish()
+    }
+}
+
+/// Outcome of [`Compressor::prefill`].
+#[derive(Debug, Clone)]
+pub struct Prefilled {
+    /// Wall time of the whole prefill, compression included.
+    pub ms: f64,
+    pub report: CompressionReport,
+    /// False when the prompt fit the budget (or the window) and nothing was evicted.
+    pub compressed: bool,
+}
+
+impl Compressor {
+    /// A compressor for `ctx`'s full-attention cache (the sliding-window cache
+    /// of iSWA models is left alone). `reuse` layers share one kept set.
+    pub fn new(ctx: &Context<'_>, policy: Box<dyn Policy>, window: usize, reuse: usize) -> Result<Self, CompressError> {
+        let model = ctx.model();
+        let info = model.info();
+        if info.is_recurrent {
+            return Err(CompressError::Unsupported(format!(
+                "{} is a recurrent model: it has no attention KV cache to compress",
+                info.architecture
+            )));
+        }
+        if model.meta(&format!("{}.attention.kv_lora_rank", info.architecture)).is_some() {
+            return Err(CompressError::Unsupported(format!(
+                "{} uses multi-head latent attention (MLA), whose cache chunkkv cannot compress",
+                info.architecture
+            )));
+        }
+        let layers = ctx.kv_layers(KvPart::Base);
+        if layers.is_empty() {
+            return Err(CompressError::Unsupported(format!(
+                "{}: this model's KV cache kind is not supported (no plain attention cache)",
+                info.architecture
+            )));
+        }
+        if window == 0 {
+            return Err(CompressError::Config("the observation window must be at least 1 token".into()));
+        }
+        if reuse == 0 {
+            return Err(CompressError::Config("--reuse-layers must be at least 1".into()));
+        }
+        let heads = layers.iter().map(|&il| model.layer_n_head_kv(il) as usize).collect();
+        Ok(Compressor { groups: ReuseGroups::new(layers.len(), reuse), policy, window, layers, heads, slots: SlotTable::default() })
+    }
+
+    pub fn policy_name(&self) -> &'static str {
+        self.policy.name()
+    }
+
+    /// Model layers whose importance is computed (one per reuse group).
+    pub fn leader_layers(&self) -> Vec<u32> {
+        self.groups.leaders().map(|l| self.layers[l]).collect()
+    }
+
+    /// Positions each compressed storage layer and head currently keeps in its
+    /// compacted slots (empty before the first compaction).
+    pub fn slot_table(&self) -> &SlotTable {
+        &self.slots
+    }
+
+    /// Forget the slot table (call after clearing the cache).
+    pub fn reset(&mut self) {
+        self.slots.clear();
+    }
+
+    /// Prefills `tokens` at positions `start..` (logits for the last one) and
+    /// compresses the sequence to `n_keep` cells. Nothing is evicted when
+    /// everything fits in `n_keep` or the tokens are no more than the window.
+    pub fn prefill(
+        &mut self,
+        ctx: &mut Context<'_>,
+        tokens: &[Token],
+        start: Pos,
+        n_keep: usize,
+        budget: serde_json::Value,
+    ) -> Result<Prefilled, CompressError> {
+        let t_all = Instant::now();
+        let before = stats(ctx)?;
+        let n = tokens.len();
+        let total = before.cells_used as usize + n;
+        let w = self.window.min(n);
+        let rows = self.policy.score_rows();
+        let compress = n_keep < total && n > self.window;
+
+        let mut ms = StageMs::default();
+        let full;
+        if !compress {
+            ctx.decode_tokens(tokens, start, SEQ, true)?;
+            full = stats(ctx)?;
+        } else {
+            if let Some(ScoreRows::Last(_)) = rows {
+                if w > ctx.n_ubatch() as usize {
+                    return Err(CompressError::Config(format!(
+                        "the observation window ({w}) must fit one micro-batch (-ub {})",
+                        ctx.n_ubatch()
+                    )));
+                }
+            }
+            let leaders = self.leader_flags(ctx);
+            let (head, tail) = tokens.split_at(n - w);
+            if rows == Some(ScoreRows::All) {
+                ctx.importance_begin(&leaders, ScoreRows::All);
+            }
+            let decoded = if head.is_empty() { Ok(()) } else { ctx.decode_tokens(head, start, SEQ, false) };
+            let t_imp = Instant::now();
+            if let Some(ScoreRows::Last(_)) = rows {
+                ctx.importance_begin(&leaders, ScoreRows::Last(w as u32));
+            }
+            let decoded = decoded.and_then(|()| ctx.decode_tokens(tail, start + head.len() as Pos, SEQ, true));
+            if rows.is_some() {
+                ctx.importance_end();
+            }
+            decoded?;
+            let importance = match rows {
+                Some(_) => self
+                    .leader_layers()
+                    .into_iter()
+                    .map(|il| ctx.importance(il).ok_or(CompressError::NoImportance(il)))
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => Vec::new(),
+            };
+            ms.importance = t_imp.elapsed().as_secs_f64() * 1e3;
+            full = stats(ctx)?;
+
+            let t_sel = Instant::now();
+            let window_from = start + (n - w) as Pos;
+            let (src, kept_pos) = self.select(ctx, &importance, window_from, n_keep)?;
+            ms.select = t_sel.elapsed().as_secs_f64() * 1e3;
+
+            let t_compact = Instant::now();
+            let slot_pos: Vec<Pos> = kept_pos[0][0].clone();
+            ctx.kv_compact(KvPart::Base, SEQ, &src, &slot_pos)?;
+            self.slots.replace(kept_pos);
+            ms.compact = t_compact.elapsed().as_secs_f64() * 1e3;
+        }
+        let after = stats(ctx)?;
+        Ok(Prefilled {
+            ms: t_all.elapsed().as_secs_f64() * 1e3,
+            compressed: compress,
+            report: CompressionReport {
+                method: self.policy.name().to_string(),
+                budget,
+                n_prompt: n,
+                n_keep: after.cells_used as usize,
+                cells_before: full.cells_used,
+                cells_after: after.cells_used,
+                bytes_live_before: full.bytes_live,
+                bytes_live_after: after.bytes_live,
+                attn_width_before: full.attn_width,
+                attn_width_after: after.attn_width,
+                ms,
+            },
+        })
+    }
+
+    fn leader_flags(&self, ctx: &Context<'_>) -> Vec<bool> {
+        let mut flags = vec![false; ctx.model().n_layer() as usize];
+        for il in self.leader_layers() {
+            flags[il as usize] = true;
+        }
+        flags
+    }
+
+    /// Chooses the kept cells of every storage layer and head. Returns the
+    /// source cells `src[layer][head]` and the positions they hold, both in
+    /// slot order.
+    #[allow(clippy::type_complexity)]
+    fn select(
+        &self,
+        ctx: &Context<'_>,
+        importance: &[LayerImportance],
+        window_from: Pos,
+        n_keep: usize,
+    ) -> Result<(Vec<Vec<Vec<i32>>>, Vec<Vec<Vec<Pos>>>), CompressError> {
+        let meta = ctx.kv_cell_positions(KvPart::Base, SEQ);
+        let used: Vec<usize> = (0..meta.len()).filter(|&c| meta[c].is_some()).collect();
+        // The window is the freshest tokens: the same cells in every layer.
+        let mut window: Vec<usize> = used.iter().copied().filter(|&c| !self.slots.is_compacted(c) && meta[c] >= Some(window_from)).collect();
+        window.sort_by_key(|&c| meta[c]);
+        let w_keep = window.len().min(n_keep);
+        let window = &window[window.len() - w_keep..];
+        let window_all: std::collections::HashSet<usize> =
+            used.iter().copied().filter(|&c| !self.slots.is_compacted(c) && meta[c] >= Some(window_from)).collect();
+        let candidates: Vec<usize> = used.iter().copied().filter(|c| !window_all.contains(c)).collect();
+        let n_select = (n_keep - w_keep).min(candidates.len());
+
+        let mut src = vec![Vec::new(); self.layers.len()];
+        let mut kept_pos = vec![Vec::new(); self.layers.len()];
+        for (g, group) in self.groups.groups().iter().enumerate() {
+            let leader = group[0];
+            let cands = self.candidates(leader, &candidates, &meta, importance.get(g));
+            let picks = self.policy.select(&cands, n_select);
+            for &l in group {
+                let mut layer_src = Vec::with_capacity(self.heads[l]);
+                let mut layer_pos = Vec::with_capacity(self.heads[l]);
+                for h in 0..self.heads[l] {
+                    let head = &cands.heads[h.min(cands.heads.len() - 1)];
+                    let pick = &picks[h.min(picks.len() - 1)];
+                    let mut cells: Vec<usize> = if self.slots.same_positions(l, leader, h) {
+                        pick.iter().map(|&i| head.cell[i]).collect()
+                    } else {
+                        let want: Vec<Pos> = pick.iter().map(|&i| head.pos[i]).collect();
+                        self.cells_holding(l, leader, h, &want, &candidates, &meta)?
+                    };
+                    cells.extend(window.iter().copied());
+                    let mut pairs: Vec<(Pos, usize)> = cells
+                        .iter()
+                        .map(|&c| (self.slots.position(l, h, c, &meta).unwrap_or(Pos::MAX), c))
+                        .collect();
+                    pairs.sort_unstable();
+                    layer_src.push(pairs.iter().map(|&(_, c)| c as i32).collect());
+                    layer_pos.push(pairs.iter().map(|&(p, _)| p).collect());
+                }
+                src[l] = layer_src;
+                kept_pos[l] = layer_pos;
+            }
+        }
+        Ok((src, kept_pos))
+    }
+
+    /// The leader's candidates per head, in position order, with chunk ids:
+    /// slots of an earlier compaction chunk by slot index, fresh tokens by position.
+    fn candidates(&self, leader: usize, cells: &[usize], meta: &[Option<Pos>], imp: Option<&LayerImportance>) -> LayerCandidates {
+        let chunk_size = self.policy.chunk_size().max(1);
+        let heads = (0..self.heads[leader])
+            .map(|h| {
+                let mut items: Vec<(Pos, usize)> =
+                    cells.iter().map(|&c| (self.slots.position(leader, h, c, meta).unwrap_or(Pos::MAX), c)).collect();
+                items.sort_unstable();
+                let mut out = HeadCandidates::default();
+                let mut last_key = None;
+                let mut id = 0u32;
+                for &(p, c) in &items {
+                    let key = if self.slots.is_compacted(c) { (0, c / chunk_size) } else { (1, p as usize / chunk_size) };
+                    if last_key.is_some_and(|k| k != key) {
+                        id += 1;
+                    }
+                    last_key = Some(key);
+                    out.pos.push(p);
+                    out.cell.push(c);
+                    out.chunk.push(id);
+                    out.score.push(imp.map_or(0.0, |imp| imp.per_head[h][c]));
+                }
+                out
+            })
+            .collect();
+        LayerCandidates { layer: self.layers[leader], heads }
+    }
+
+    /// Cells of storage layer `l`, head `h` holding the positions `want`.
+    fn cells_holding(
+        &self,
+        l: usize,
+        leader: usize,
+        h: usize,
+        want: &[Pos],
+        candidates: &[usize],
+        meta: &[Option<Pos>],
+    ) -> Result<Vec<usize>, CompressError> {
+        let map: HashMap<Pos, usize> = candidates
+            .iter()
+            .filter_map(|&c| self.slots.position(l, h, c, meta).map(|p| (p, c)))
+            .collect();
+        want.iter()
+            .map(|p| {
+                map.get(p).copied().ok_or_else(|| {
+                    CompressError::Unsupported(format!(
+                        "storage layer {l} no longer holds position {p} kept by its leader {leader}; \
+                         keep --reuse-layers the same for the whole conversation"
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+fn stats(ctx: &Context<'_>) -> Result<crate::llama::KvStats, CompressError> {
+    ctx.kv_stats(KvPart::Base).ok_or_else(|| CompressError::Unsupported("the context has no attention KV cache".into()))
+}

@@ -1,0 +1,57 @@
+//! What a selection policy sees and returns.
+//!
+//! The hook turns the cache into candidates: for one scored layer and each
+//! KV head, the tokens outside the observation window in position order, with
+//! their importance and the chunk each belongs to. A policy picks which of
+//! them to keep; the window is always kept by the hook.
+
+use crate::llama::{Pos, ScoreRows};
+
+/// One KV head's candidate tokens, in position order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeadCandidates {
+    pub pos: Vec<Pos>,
+    /// Attention importance (summed over the scoring queries and the head's query group).
+    pub score: Vec<f32>,
+    /// Chunk id of each token: equal ids are one chunk, ids never decrease.
+    pub chunk: Vec<u32>,
+    /// The cache cell holding each token in this layer and head.
+    pub cell: Vec<usize>,
+}
+
+impl HeadCandidates {
+    pub fn len(&self) -> usize {
+        self.pos.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos.is_empty()
+    }
+}
+
+/// The candidates of one scored (leader) layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerCandidates {
+    /// Model layer index.
+    pub layer: u32,
+    pub heads: Vec<HeadCandidates>,
+}
+
+/// A KV-cache selection policy.
+pub trait Policy: Send + Sync {
+    /// Name as `--kv-method` spells it.
+    fn name(&self) -> &'static str;
+
+    /// Which queries must score the keys, or `None` if the policy needs no scores.
+    fn score_rows(&self) -> Option<ScoreRows>;
+
+    /// Tokens per chunk the candidates are grouped into (1: single tokens).
+    fn chunk_size(&self) -> usize {
+        1
+    }
+
+    /// Picks `n_select` candidates of each head; returns, per head, the kept
+    /// candidate indices in increasing order. `n_select` never exceeds the
+    /// number of candidates.
+    fn select(&self, layer: &LayerCandidates, n_select: usize) -> Vec<Vec<usize>>;
+}

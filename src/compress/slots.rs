@@ -1,0 +1,51 @@
+//! Which token position each cell slot holds, per storage layer and KV head.
+//!
+//! llama.cpp keeps one position per cell, shared by all layers. After a
+//! compaction that kept different tokens in different layers or heads, slot
+//! `i` holds different positions there; this table remembers them so later
+//! importance (a second compression in a chat) maps back to real positions.
+
+use crate::llama::Pos;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotTable {
+    /// `pos[layer][head][slot]` for slots `0..n_slots()`, layer = storage index.
+    pos: Vec<Vec<Vec<Pos>>>,
+}
+
+impl SlotTable {
+    /// Slots covered by the table (cells beyond hold what llama.cpp's metadata says).
+    pub fn n_slots(&self) -> usize {
+        self.pos.first().and_then(|l| l.first()).map_or(0, Vec::len)
+    }
+
+    /// The position held by `cell` in storage layer `layer`, head `head`;
+    /// `meta` is llama.cpp's per-cell position.
+    pub fn position(&self, layer: usize, head: usize, cell: usize, meta: &[Option<Pos>]) -> Option<Pos> {
+        if cell < self.n_slots() {
+            Some(self.pos[layer][head][cell])
+        } else {
+            meta.get(cell).copied().flatten()
+        }
+    }
+
+    /// Whether `cell` is a slot of an earlier compaction.
+    pub fn is_compacted(&self, cell: usize) -> bool {
+        cell < self.n_slots()
+    }
+
+    /// Whether storage layers `a` and `b` hold the same position in every slot of head `h`.
+    pub fn same_positions(&self, a: usize, b: usize, h: usize) -> bool {
+        self.n_slots() == 0 || a == b || self.pos[a].get(h) == self.pos[b].get(h)
+    }
+
+    /// Records a compaction: `kept[layer][head]` lists the positions now in slots `0..`.
+    pub fn replace(&mut self, kept: Vec<Vec<Vec<Pos>>>) {
+        self.pos = kept;
+    }
+
+    /// Forgets everything (the cache was cleared).
+    pub fn clear(&mut self) {
+        self.pos.clear();
+    }
+}
