@@ -155,7 +155,9 @@ pub fn generate(
         None => (prefill(ctx, prompt, 0)?, None),
         Some(h) => {
             let n_keep = h.budget.cells_for(prompt.len());
-            let done = h.compressor.prefill(ctx, prompt, 0, n_keep, h.budget.json())?;
+            let done = h
+                .compressor
+                .prefill(ctx, prompt, 0, n_keep, h.budget.json())?;
             (done.ms, Some(done.report))
         }
     };

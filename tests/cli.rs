@@ -154,3 +154,110 @@ fn quantized_v_without_flash_attention_is_a_clear_error() {
     ]);
     assert_one_line_error(&o, "needs flash attention");
 }
+
+#[test]
+fn generate_json_reports_compression_with_the_documented_keys() {
+    let model = model_path("smollm2-135m");
+    let prompt = "The history of the printing press is long. ".repeat(60);
+    let o = run(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        &prompt,
+        "-n",
+        "8",
+        "--temp",
+        "0",
+        "-c",
+        "1024",
+        "-fa",
+        "off",
+        "--kv-method",
+        "chunkkv",
+        "--kv-budget",
+        "25%",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let c = v["compression"].as_object().expect("compression object");
+    let mut keys: Vec<&str> = c.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "attn_width_after",
+            "attn_width_before",
+            "budget",
+            "bytes_live_after",
+            "bytes_live_before",
+            "cells_after",
+            "cells_before",
+            "method",
+            "ms",
+            "n_keep",
+            "n_prompt"
+        ]
+    );
+    let mut ms: Vec<&str> = c["ms"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    ms.sort_unstable();
+    assert_eq!(ms, ["compact", "importance", "select"]);
+    let n_prompt = v["n_prompt"].as_u64().unwrap();
+    assert_eq!(c["method"], "chunkkv");
+    assert_eq!(c["budget"], 0.25);
+    assert_eq!(
+        c["n_keep"].as_u64().unwrap(),
+        (n_prompt as f64 * 0.25).round() as u64
+    );
+    assert_eq!(c["cells_before"].as_u64().unwrap(), n_prompt);
+    assert!(c["bytes_live_after"].as_u64().unwrap() * 3 < c["bytes_live_before"].as_u64().unwrap());
+    assert!(c["attn_width_after"].as_u64().unwrap() < c["attn_width_before"].as_u64().unwrap());
+}
+
+#[test]
+fn bad_compression_arguments_are_clear_errors() {
+    let model = model_path("smollm2-135m");
+    let m = model.to_str().unwrap();
+    for (flags, needle) in [
+        (&["--kv-budget", "0"][..], "out of range"),
+        (&["--kv-budget", "150%"][..], "out of range"),
+        (&["--kv-budget", "1.5"][..], "out of range"),
+    ] {
+        let mut args = vec!["generate", "-m", m, "-p", "hi", "--kv-method", "chunkkv"];
+        args.extend_from_slice(flags);
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{flags:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{flags:?}: {}", stderr(&o));
+    }
+    for (flags, needle) in [
+        (
+            &["--chunk-size", "0"][..],
+            "--chunk-size must be at least 1",
+        ),
+        (&["--kv-window", "0"][..], "--kv-window must be at least 1"),
+        (
+            &["--reuse-layers", "0"][..],
+            "--reuse-layers must be at least 1",
+        ),
+    ] {
+        let mut args = vec![
+            "generate",
+            "-m",
+            m,
+            "-p",
+            "hi",
+            "-c",
+            "256",
+            "--kv-method",
+            "chunkkv",
+        ];
+        args.extend_from_slice(flags);
+        assert_one_line_error(&run(&args), needle);
+    }
+}

@@ -60,17 +60,26 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     pipeline::check_prompt(&ctx, tokens.len())?;
     let mut sampler = Sampler::new(&args.sampling.params());
     let mut compressor = args.compress.compressor(&ctx)?;
-    let hook = compressor.as_mut().map(|compressor| pipeline::Hook { compressor, budget: args.compress.budget });
+    let hook = compressor.as_mut().map(|compressor| pipeline::Hook {
+        compressor,
+        budget: args.compress.budget,
+    });
 
     let stream = !args.json;
     let mut stdout = std::io::stdout().lock();
-    let generation =
-        pipeline::generate(&mut ctx, &mut sampler, &tokens, args.n_predict, hook, |piece| {
+    let generation = pipeline::generate(
+        &mut ctx,
+        &mut sampler,
+        &tokens,
+        args.n_predict,
+        hook,
+        |piece| {
             if stream {
                 let _ = stdout.write_all(piece.as_bytes());
                 let _ = stdout.flush();
             }
-        })?;
+        },
+    )?;
     let kv = KvReport::of(&ctx);
     let t = &generation.timings;
     if args.json {

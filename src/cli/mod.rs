@@ -7,7 +7,9 @@ mod models;
 use clap::{Args, Parser, Subcommand};
 
 use crate::compress::{Budget, ChunkKv, ChunkScore, CompressError, Compressor, Method};
-use crate::llama::{Backend, CacheType, Context, ContextParams, FlashAttn, Model, ModelParams, SamplingParams};
+use crate::llama::{
+    Backend, CacheType, Context, ContextParams, FlashAttn, Model, ModelParams, SamplingParams,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -222,10 +224,14 @@ impl CompressArgs {
     /// The compressor these flags ask for, or `None` for `--kv-method none`.
     pub fn compressor(&self, ctx: &Context<'_>) -> Result<Option<Compressor>, CompressError> {
         if self.chunk_size == 0 {
-            return Err(CompressError::Config("--chunk-size must be at least 1".into()));
+            return Err(CompressError::Config(
+                "--chunk-size must be at least 1".into(),
+            ));
         }
         if self.window == 0 {
-            return Err(CompressError::Config("--kv-window must be at least 1".into()));
+            return Err(CompressError::Config(
+                "--kv-window must be at least 1".into(),
+            ));
         }
         let policy = match self.method {
             Method::None => return Ok(None),

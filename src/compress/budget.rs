@@ -49,12 +49,16 @@ impl FromStr for Budget {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let t = s.trim();
-        let bad = || format!("invalid KV budget `{s}`: use a share in (0, 1] (0.1), a percentage in (0, 100] (10%), or a token count (512)");
+        let bad = || {
+            format!("invalid KV budget `{s}`: use a share in (0, 1] (0.1), a percentage in (0, 100] (10%), or a token count (512)")
+        };
         let ratio = |r: f64| {
             if r.is_finite() && r > 0.0 && r <= 1.0 {
                 Ok(Budget::Ratio(r))
             } else {
-                Err(format!("KV budget `{s}` is out of range: the share must be in (0, 1], i.e. (0%, 100%]"))
+                Err(format!(
+                    "KV budget `{s}` is out of range: the share must be in (0, 1], i.e. (0%, 100%]"
+                ))
             }
         };
         if let Some(p) = t.strip_suffix('%') {
@@ -62,7 +66,9 @@ impl FromStr for Budget {
         }
         if let Ok(n) = t.parse::<usize>() {
             return match n {
-                0 => Err(format!("KV budget `{s}` is out of range: keep at least one token")),
+                0 => Err(format!(
+                    "KV budget `{s}` is out of range: keep at least one token"
+                )),
                 1 => Ok(Budget::Ratio(1.0)),
                 n => Ok(Budget::Tokens(n)),
             };
@@ -86,7 +92,9 @@ mod tests {
 
     #[test]
     fn rejects_out_of_range_and_garbage() {
-        for bad in ["0", "0.0", "0%", "-0.1", "1.5", "150%", "abc", "", "nan", "inf"] {
+        for bad in [
+            "0", "0.0", "0%", "-0.1", "1.5", "150%", "abc", "", "nan", "inf",
+        ] {
             assert!(bad.parse::<Budget>().is_err(), "{bad} should be rejected");
         }
     }

@@ -29,7 +29,12 @@ pub struct ChunkKv {
 
 impl Default for ChunkKv {
     fn default() -> Self {
-        Self { chunk_size: 10, window: 32, chunk_score: ChunkScore::Sum, pool: None }
+        Self {
+            chunk_size: 10,
+            window: 32,
+            chunk_score: ChunkScore::Sum,
+            pool: None,
+        }
     }
 }
 
@@ -108,10 +113,15 @@ impl Policy for ChunkKv {
 
     /// One set for all heads: token scores summed over KV heads.
     fn select(&self, layer: &LayerCandidates, n_select: usize) -> Vec<Vec<usize>> {
-        let Some(first) = layer.heads.first() else { return Vec::new() };
+        let Some(first) = layer.heads.first() else {
+            return Vec::new();
+        };
         let mut total = vec![0f32; first.len()];
         for head in &layer.heads {
-            debug_assert_eq!(head.pos, first.pos, "ChunkKV needs one position per slot across heads");
+            debug_assert_eq!(
+                head.pos, first.pos,
+                "ChunkKV needs one position per slot across heads"
+            );
             for (t, s) in total.iter_mut().zip(&head.score) {
                 *t += s;
             }
@@ -131,7 +141,10 @@ mod tests {
 
     #[test]
     fn keeps_the_best_chunks_whole_and_truncates_the_last() {
-        let ckv = ChunkKv { chunk_size: 4, ..ChunkKv::default() };
+        let ckv = ChunkKv {
+            chunk_size: 4,
+            ..ChunkKv::default()
+        };
         // 12 tokens, chunks [0..4) [4..8) [8..12); chunk 2 best, then chunk 0.
         let scores = [1., 1., 1., 1., 0., 0., 0., 0.5, 3., 3., 3., 3.];
         let keep = ckv.select_tokens(&scores, &chunks_of(12, 4), 6);
@@ -143,17 +156,31 @@ mod tests {
         // Chunks of 4: [0..4) sum 4 / mean 1, [4..8) sum 3 / mean 0.75, [8..9) sum 2 / mean 2.
         let scores = [1., 1., 1., 1., 3., 0., 0., 0., 2.];
         let chunk = chunks_of(9, 4);
-        let sum = ChunkKv { chunk_size: 4, chunk_score: ChunkScore::Sum, ..ChunkKv::default() };
-        let mean = ChunkKv { chunk_size: 4, chunk_score: ChunkScore::Mean, ..ChunkKv::default() };
+        let sum = ChunkKv {
+            chunk_size: 4,
+            chunk_score: ChunkScore::Sum,
+            ..ChunkKv::default()
+        };
+        let mean = ChunkKv {
+            chunk_size: 4,
+            chunk_score: ChunkScore::Mean,
+            ..ChunkKv::default()
+        };
         assert_eq!(sum.select_tokens(&scores, &chunk, 5), vec![0, 1, 2, 3, 4]);
         assert_eq!(mean.select_tokens(&scores, &chunk, 5), vec![0, 1, 2, 3, 8]);
     }
 
     #[test]
     fn budget_within_one_chunk_keeps_the_most_recent_tokens() {
-        let ckv = ChunkKv { chunk_size: 10, ..ChunkKv::default() };
+        let ckv = ChunkKv {
+            chunk_size: 10,
+            ..ChunkKv::default()
+        };
         let scores: Vec<f32> = (0..50).map(|i| if i < 5 { 100.0 } else { 0.0 }).collect();
-        assert_eq!(ckv.select_tokens(&scores, &chunks_of(50, 10), 7), (43..50).collect::<Vec<_>>());
+        assert_eq!(
+            ckv.select_tokens(&scores, &chunks_of(50, 10), 7),
+            (43..50).collect::<Vec<_>>()
+        );
     }
 
     #[test]

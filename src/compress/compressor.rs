@@ -12,7 +12,9 @@ use std::time::Instant;
 use super::policy::{HeadCandidates, LayerCandidates, Policy};
 use super::reuse::ReuseGroups;
 use super::slots::SlotTable;
-use crate::llama::{CompactError, Context, DecodeError, KvPart, LayerImportance, Pos, ScoreRows, Token};
+use crate::llama::{
+    CompactError, Context, DecodeError, KvPart, LayerImportance, Pos, ScoreRows, Token,
+};
 use crate::pipeline::SEQ;
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +70,10 @@ pub struct Compressor {
 
 impl std::fmt::Debug for Compressor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Compressor").field("policy", &self.policy.name()).field("window", &self.window).finish()
+        f.debug_struct("Compressor")
+            .field("policy", &self.policy.name())
+            .field("window", &self.window)
+            .finish()
     }
 }
 
@@ -85,7 +90,12 @@ pub struct Prefilled {
 impl Compressor {
     /// A compressor for `ctx`'s full-attention cache (the sliding-window cache
     /// of iSWA models is left alone). `reuse` layers share one kept set.
-    pub fn new(ctx: &Context<'_>, policy: Box<dyn Policy>, window: usize, reuse: usize) -> Result<Self, CompressError> {
+    pub fn new(
+        ctx: &Context<'_>,
+        policy: Box<dyn Policy>,
+        window: usize,
+        reuse: usize,
+    ) -> Result<Self, CompressError> {
         let model = ctx.model();
         let info = model.info();
         if info.is_recurrent {
@@ -94,7 +104,10 @@ impl Compressor {
                 info.architecture
             )));
         }
-        if model.meta(&format!("{}.attention.kv_lora_rank", info.architecture)).is_some() {
+        if model
+            .meta(&format!("{}.attention.kv_lora_rank", info.architecture))
+            .is_some()
+        {
             return Err(CompressError::Unsupported(format!(
                 "{} uses multi-head latent attention (MLA), whose cache chunkkv cannot compress",
                 info.architecture
@@ -108,13 +121,27 @@ impl Compressor {
             )));
         }
         if window == 0 {
-            return Err(CompressError::Config("the observation window must be at least 1 token".into()));
+            return Err(CompressError::Config(
+                "the observation window must be at least 1 token".into(),
+            ));
         }
         if reuse == 0 {
-            return Err(CompressError::Config("--reuse-layers must be at least 1".into()));
+            return Err(CompressError::Config(
+                "--reuse-layers must be at least 1".into(),
+            ));
         }
-        let heads = layers.iter().map(|&il| model.layer_n_head_kv(il) as usize).collect();
-        Ok(Compressor { groups: ReuseGroups::new(layers.len(), reuse), policy, window, layers, heads, slots: SlotTable::default() })
+        let heads = layers
+            .iter()
+            .map(|&il| model.layer_n_head_kv(il) as usize)
+            .collect();
+        Ok(Compressor {
+            groups: ReuseGroups::new(layers.len(), reuse),
+            policy,
+            window,
+            layers,
+            heads,
+            slots: SlotTable::default(),
+        })
     }
 
     pub fn policy_name(&self) -> &'static str {
@@ -175,12 +202,17 @@ impl Compressor {
             if rows == Some(ScoreRows::All) {
                 ctx.importance_begin(&leaders, ScoreRows::All);
             }
-            let decoded = if head.is_empty() { Ok(()) } else { ctx.decode_tokens(head, start, SEQ, false) };
+            let decoded = if head.is_empty() {
+                Ok(())
+            } else {
+                ctx.decode_tokens(head, start, SEQ, false)
+            };
             let t_imp = Instant::now();
             if let Some(ScoreRows::Last(_)) = rows {
                 ctx.importance_begin(&leaders, ScoreRows::Last(w as u32));
             }
-            let decoded = decoded.and_then(|()| ctx.decode_tokens(tail, start + head.len() as Pos, SEQ, true));
+            let decoded = decoded
+                .and_then(|()| ctx.decode_tokens(tail, start + head.len() as Pos, SEQ, true));
             if rows.is_some() {
                 ctx.importance_end();
             }
@@ -249,13 +281,24 @@ impl Compressor {
         let meta = ctx.kv_cell_positions(KvPart::Base, SEQ);
         let used: Vec<usize> = (0..meta.len()).filter(|&c| meta[c].is_some()).collect();
         // The window is the freshest tokens: the same cells in every layer.
-        let mut window: Vec<usize> = used.iter().copied().filter(|&c| !self.slots.is_compacted(c) && meta[c] >= Some(window_from)).collect();
+        let mut window: Vec<usize> = used
+            .iter()
+            .copied()
+            .filter(|&c| !self.slots.is_compacted(c) && meta[c] >= Some(window_from))
+            .collect();
         window.sort_by_key(|&c| meta[c]);
         let w_keep = window.len().min(n_keep);
         let window = &window[window.len() - w_keep..];
-        let window_all: std::collections::HashSet<usize> =
-            used.iter().copied().filter(|&c| !self.slots.is_compacted(c) && meta[c] >= Some(window_from)).collect();
-        let candidates: Vec<usize> = used.iter().copied().filter(|c| !window_all.contains(c)).collect();
+        let window_all: std::collections::HashSet<usize> = used
+            .iter()
+            .copied()
+            .filter(|&c| !self.slots.is_compacted(c) && meta[c] >= Some(window_from))
+            .collect();
+        let candidates: Vec<usize> = used
+            .iter()
+            .copied()
+            .filter(|c| !window_all.contains(c))
+            .collect();
         let n_select = (n_keep - w_keep).min(candidates.len());
 
         let mut src = vec![Vec::new(); self.layers.len()];
@@ -294,18 +337,35 @@ impl Compressor {
 
     /// The leader's candidates per head, in position order, with chunk ids:
     /// slots of an earlier compaction chunk by slot index, fresh tokens by position.
-    fn candidates(&self, leader: usize, cells: &[usize], meta: &[Option<Pos>], imp: Option<&LayerImportance>) -> LayerCandidates {
+    fn candidates(
+        &self,
+        leader: usize,
+        cells: &[usize],
+        meta: &[Option<Pos>],
+        imp: Option<&LayerImportance>,
+    ) -> LayerCandidates {
         let chunk_size = self.policy.chunk_size().max(1);
         let heads = (0..self.heads[leader])
             .map(|h| {
-                let mut items: Vec<(Pos, usize)> =
-                    cells.iter().map(|&c| (self.slots.position(leader, h, c, meta).unwrap_or(Pos::MAX), c)).collect();
+                let mut items: Vec<(Pos, usize)> = cells
+                    .iter()
+                    .map(|&c| {
+                        (
+                            self.slots.position(leader, h, c, meta).unwrap_or(Pos::MAX),
+                            c,
+                        )
+                    })
+                    .collect();
                 items.sort_unstable();
                 let mut out = HeadCandidates::default();
                 let mut last_key = None;
                 let mut id = 0u32;
                 for &(p, c) in &items {
-                    let key = if self.slots.is_compacted(c) { (0, c / chunk_size) } else { (1, p as usize / chunk_size) };
+                    let key = if self.slots.is_compacted(c) {
+                        (0, c / chunk_size)
+                    } else {
+                        (1, p as usize / chunk_size)
+                    };
                     if last_key.is_some_and(|k| k != key) {
                         id += 1;
                     }
@@ -318,7 +378,10 @@ impl Compressor {
                 out
             })
             .collect();
-        LayerCandidates { layer: self.layers[leader], heads }
+        LayerCandidates {
+            layer: self.layers[leader],
+            heads,
+        }
     }
 
     /// Cells of storage layer `l`, head `h` holding the positions `want`.
@@ -349,5 +412,6 @@ impl Compressor {
 }
 
 fn stats(ctx: &Context<'_>) -> Result<crate::llama::KvStats, CompressError> {
-    ctx.kv_stats(KvPart::Base).ok_or_else(|| CompressError::Unsupported("the context has no attention KV cache".into()))
+    ctx.kv_stats(KvPart::Base)
+        .ok_or_else(|| CompressError::Unsupported("the context has no attention KV cache".into()))
 }

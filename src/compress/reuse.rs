@@ -13,7 +13,9 @@ impl ReuseGroups {
     pub fn new(n_layers: usize, n_reuse: usize) -> Self {
         let n_reuse = n_reuse.max(1);
         let idx: Vec<usize> = (0..n_layers).collect();
-        Self { groups: idx.chunks(n_reuse).map(<[usize]>::to_vec).collect() }
+        Self {
+            groups: idx.chunks(n_reuse).map(<[usize]>::to_vec).collect(),
+        }
     }
 
     pub fn groups(&self) -> &[Vec<usize>] {

@@ -21,7 +21,13 @@ impl SlotTable {
 
     /// The position held by `cell` in storage layer `layer`, head `head`;
     /// `meta` is llama.cpp's per-cell position.
-    pub fn position(&self, layer: usize, head: usize, cell: usize, meta: &[Option<Pos>]) -> Option<Pos> {
+    pub fn position(
+        &self,
+        layer: usize,
+        head: usize,
+        cell: usize,
+        meta: &[Option<Pos>],
+    ) -> Option<Pos> {
         if cell < self.n_slots() {
             Some(self.pos[layer][head][cell])
         } else {

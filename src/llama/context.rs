@@ -488,7 +488,8 @@ impl<'m> Context<'m> {
     pub fn kv_cell_positions(&self, part: KvPart, seq: SeqId) -> Vec<Option<Pos>> {
         // SAFETY: valid context; out holds n entries.
         unsafe {
-            let n = sys::llama_kv_cell_pos(self.ptr.as_ptr(), part.raw(), seq, std::ptr::null_mut(), 0);
+            let n =
+                sys::llama_kv_cell_pos(self.ptr.as_ptr(), part.raw(), seq, std::ptr::null_mut(), 0);
             if n <= 0 {
                 return Vec::new();
             }
@@ -509,7 +510,12 @@ impl<'m> Context<'m> {
         // SAFETY: flags outlives the call (llama.cpp copies it).
         unsafe {
             sys::llama_kv_importance_clear(self.ptr.as_ptr());
-            sys::llama_kv_importance_set(self.ptr.as_ptr(), flags.as_ptr(), flags.len() as i32, n_window);
+            sys::llama_kv_importance_set(
+                self.ptr.as_ptr(),
+                flags.as_ptr(),
+                flags.len() as i32,
+                n_window,
+            );
         }
     }
 
@@ -527,17 +533,33 @@ impl<'m> Context<'m> {
         let n_ctx = self.n_ctx as usize;
         let mut buf = vec![0f32; n_head_kv * n_ctx];
         // SAFETY: buf holds n_head_kv * n_ctx floats.
-        let n = unsafe { sys::llama_kv_importance_get(self.ptr.as_ptr(), il as i32, buf.as_mut_ptr(), buf.len() as i32) };
+        let n = unsafe {
+            sys::llama_kv_importance_get(
+                self.ptr.as_ptr(),
+                il as i32,
+                buf.as_mut_ptr(),
+                buf.len() as i32,
+            )
+        };
         if n < 0 {
             return None;
         }
-        Some(LayerImportance { layer: il, per_head: buf.chunks(n_ctx).map(<[f32]>::to_vec).collect() })
+        Some(LayerImportance {
+            layer: il,
+            per_head: buf.chunks(n_ctx).map(<[f32]>::to_vec).collect(),
+        })
     }
 
     /// Moves kept cells to slots `0..n_keep` on the device (patch 0003).
     /// `src[l][h]` lists, for storage layer `l` and KV head `h`, the `n_keep`
     /// cells to keep in slot order; slot `i` gets position `slot_pos[i]`.
-    pub fn kv_compact(&mut self, part: KvPart, seq: SeqId, src: &[Vec<Vec<i32>>], slot_pos: &[Pos]) -> Result<(), CompactError> {
+    pub fn kv_compact(
+        &mut self,
+        part: KvPart,
+        seq: SeqId,
+        src: &[Vec<Vec<i32>>],
+        slot_pos: &[Pos],
+    ) -> Result<(), CompactError> {
         let n_keep = slot_pos.len();
         let mut flat = Vec::with_capacity(src.len() * n_keep * 4);
         for layer in src {
@@ -552,13 +574,23 @@ impl<'m> Context<'m> {
         if layers.is_empty() {
             return Err(CompactError::NoCache);
         }
-        let expected: usize = layers.iter().map(|&il| self.model.layer_n_head_kv(il) as usize * n_keep).sum();
+        let expected: usize = layers
+            .iter()
+            .map(|&il| self.model.layer_n_head_kv(il) as usize * n_keep)
+            .sum();
         if src.len() != layers.len() || flat.len() != expected || n_keep == 0 {
             return Err(CompactError::BadArguments);
         }
         // SAFETY: flat and slot_pos hold exactly the entries llama_kv_compact reads (checked above).
         let rc = unsafe {
-            sys::llama_kv_compact(self.ptr.as_ptr(), part.raw(), seq, flat.as_ptr(), slot_pos.as_ptr(), n_keep as u32)
+            sys::llama_kv_compact(
+                self.ptr.as_ptr(),
+                part.raw(),
+                seq,
+                flat.as_ptr(),
+                slot_pos.as_ptr(),
+                n_keep as u32,
+            )
         };
         match rc {
             0 => Ok(()),

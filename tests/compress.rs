@@ -1,0 +1,348 @@
+//! The ChunkKV hook on real models: exact row moves, real shrinking, reuse
+//! groups, and quality where the full cache succeeds.
+
+mod common;
+
+use chunkkv::compress::{Budget, ChunkKv, Compressor};
+use chunkkv::llama::{
+    Backend, CacheType, ChatMessage, Context, ContextParams, FlashAttn, KvPart, Model, ModelParams,
+    Sampler, SamplingParams,
+};
+use chunkkv::pipeline::{self, Hook};
+use common::{default_model, essays, parse_kv_state};
+
+fn ctx_with(model: &Model, n_ctx: u32, fa: FlashAttn, k: CacheType, v: CacheType) -> Context<'_> {
+    let p = ContextParams::default()
+        .with_n_ctx(n_ctx)
+        .with_n_threads(2)
+        .with_flash_attn(fa)
+        .with_type_k(k)
+        .with_type_v(v);
+    Context::new(model, &p).expect("context")
+}
+
+fn chunkkv(ctx: &Context<'_>, reuse: usize) -> Compressor {
+    Compressor::new(ctx, Box::new(ChunkKv::default()), 32, reuse).expect("compressor")
+}
+
+fn greedy() -> Sampler {
+    Sampler::new(&SamplingParams::greedy())
+}
+
+/// Compacts a ~700-token prompt to 25% and checks that every kept slot of
+/// every storage layer and KV head holds exactly the bytes its position held.
+fn assert_rows_move_exactly(fa: FlashAttn, k: CacheType, v: CacheType) {
+    let model = default_model();
+    let tokens = model.tokenize(&essays(3000), true, false).unwrap();
+    let n = tokens.len();
+    assert!(n > 500, "prompt of {n} tokens");
+    let mut ctx = ctx_with(model, 1024, fa, k, v);
+    let mut c = chunkkv(&ctx, 2);
+
+    // Reference: the same prompt prefilled the way the hook does (all but the
+    // 32-token window, then the window), so every K/V row is computed alike.
+    let mut reference = ctx_with(model, 1024, fa, k, v);
+    reference
+        .decode_tokens(&tokens[..n - 32], 0, 0, false)
+        .unwrap();
+    reference
+        .decode_tokens(&tokens[n - 32..], (n - 32) as i32, 0, true)
+        .unwrap();
+    let before = parse_kv_state(&reference.state_seq_get(0).unwrap());
+    assert_eq!(before.pos, (0..n as i32).collect::<Vec<_>>());
+
+    let n_keep = Budget::Ratio(0.25).cells_for(n);
+    let done = c
+        .prefill(&mut ctx, &tokens, 0, n_keep, Budget::Ratio(0.25).json())
+        .unwrap();
+    assert!(done.compressed);
+    let stats = ctx.kv_stats(KvPart::Base).unwrap();
+    assert_eq!(stats.cells_used as usize, n_keep);
+    assert_eq!(done.report.cells_after as usize, n_keep);
+    assert_eq!(
+        stats.attn_width, 256,
+        "attention width is the padded budget"
+    );
+    assert_eq!(done.report.attn_width_before, 768);
+    assert_eq!(stats.v_trans, before.v_trans);
+
+    let after = parse_kv_state(&ctx.state_seq_get(0).unwrap());
+    assert_eq!(after.pos.len(), n_keep);
+    let table = c.slot_table();
+    let info = model.info();
+    let heads = info.n_head_kv as usize;
+    for l in 0..after.k.len() {
+        let (row, ref k_after) = after.k[l];
+        let (_, ref k_before) = before.k[l];
+        let head_bytes = row / heads;
+        for h in 0..heads {
+            for i in 0..n_keep {
+                let p = table.position(l, h, i, &[]).unwrap() as usize;
+                let a = &k_after[i * row + h * head_bytes..][..head_bytes];
+                let b = &k_before[p * row + h * head_bytes..][..head_bytes];
+                assert_eq!(a, b, "K layer {l} head {h} slot {i} (pos {p})");
+                if after.v_trans {
+                    let (el, ref v_after) = after.v[l];
+                    let (_, ref v_before) = before.v[l];
+                    for j in h * info.head_dim as usize..(h + 1) * info.head_dim as usize {
+                        let a = &v_after[(j * n_keep + i) * el..][..el];
+                        let b = &v_before[(j * n + p) * el..][..el];
+                        assert_eq!(a, b, "V^T layer {l} head {h} dim {j} slot {i}");
+                    }
+                } else {
+                    let (vrow, ref v_after) = after.v[l];
+                    let (_, ref v_before) = before.v[l];
+                    let vh = vrow / heads;
+                    assert_eq!(
+                        &v_after[i * vrow + h * vh..][..vh],
+                        &v_before[p * vrow + h * vh..][..vh],
+                        "V layer {l} head {h} slot {i}"
+                    );
+                }
+            }
+        }
+    }
+    // Generation continues after the compacted cache.
+    let (toks, text, _, _) =
+        pipeline::decode(&mut ctx, &mut greedy(), n as i32, 16, |_| {}).unwrap();
+    assert_eq!(toks.len(), 16);
+    assert!(text.chars().any(char::is_alphabetic), "{text:?}");
+}
+
+#[test]
+fn rows_move_exactly_f16_flash_attention_on() {
+    assert_rows_move_exactly(FlashAttn::On, CacheType::F16, CacheType::F16);
+}
+
+#[test]
+fn rows_move_exactly_f16_flash_attention_off_transposed_v() {
+    assert_rows_move_exactly(FlashAttn::Off, CacheType::F16, CacheType::F16);
+}
+
+#[test]
+fn rows_move_exactly_q8_0_flash_attention_on() {
+    assert_rows_move_exactly(FlashAttn::On, CacheType::Q8_0, CacheType::Q8_0);
+}
+
+#[test]
+fn rows_move_exactly_q8_0_k_f16_v_flash_attention_off() {
+    assert_rows_move_exactly(FlashAttn::Off, CacheType::Q8_0, CacheType::F16);
+}
+
+#[test]
+fn full_budget_gives_the_same_logits_as_no_compression() {
+    let model = default_model();
+    let tokens = model.tokenize(&essays(2000), true, false).unwrap();
+    let mut plain = ctx_with(model, 1024, FlashAttn::Off, CacheType::F16, CacheType::F16);
+    let g0 = pipeline::generate(&mut plain, &mut greedy(), &tokens, 8, None, |_| {}).unwrap();
+    let logits0 = plain.logits_ith(-1).unwrap().to_vec();
+
+    let mut ctx = ctx_with(model, 1024, FlashAttn::Off, CacheType::F16, CacheType::F16);
+    let mut c = chunkkv(&ctx, 2);
+    let hook = Hook {
+        compressor: &mut c,
+        budget: Budget::Ratio(1.0),
+    };
+    let g1 = pipeline::generate(&mut ctx, &mut greedy(), &tokens, 8, Some(hook), |_| {}).unwrap();
+    assert_eq!(g0.tokens, g1.tokens);
+    assert_eq!(ctx.logits_ith(-1).unwrap(), &logits0[..]);
+    let report = g1.compression.unwrap();
+    assert_eq!(report.cells_after, report.cells_before, "nothing evicted");
+    assert_eq!(report.ms.compact, 0.0);
+}
+
+#[test]
+fn followers_keep_their_leaders_positions_and_only_leaders_are_scored() {
+    let model = default_model();
+    let tokens = model.tokenize(&essays(3000), true, false).unwrap();
+    for reuse in [1usize, 3, 30] {
+        let mut ctx = ctx_with(model, 1024, FlashAttn::Off, CacheType::F16, CacheType::F16);
+        let mut c = chunkkv(&ctx, reuse);
+        let n_keep = 200;
+        c.prefill(&mut ctx, &tokens, 0, n_keep, Budget::Tokens(n_keep).json())
+            .unwrap();
+        let leaders = c.leader_layers();
+        assert_eq!(leaders.len(), 30usize.div_ceil(reuse));
+        for il in 0..30u32 {
+            assert_eq!(
+                ctx.importance(il).is_some(),
+                leaders.contains(&il),
+                "layer {il} scored iff leader (reuse {reuse})"
+            );
+        }
+        let t = c.slot_table();
+        let pos = |l: usize| {
+            (0..n_keep)
+                .map(|i| t.position(l, 0, i, &[]).unwrap())
+                .collect::<Vec<_>>()
+        };
+        for l in 0..30 {
+            let leader = l / reuse * reuse;
+            assert_eq!(
+                pos(l),
+                pos(leader),
+                "layer {l} follows leader {leader} (reuse {reuse})"
+            );
+            // ChunkKV keeps one set for every KV head.
+            for h in 1..3 {
+                assert_eq!(t.position(l, h, 7, &[]), t.position(l, 0, 7, &[]));
+            }
+        }
+        // The window (the last 32 prompt tokens) is always kept, at the end.
+        let p = pos(0);
+        assert_eq!(
+            &p[n_keep - 32..],
+            &(tokens.len() as i32 - 32..tokens.len() as i32).collect::<Vec<_>>()[..]
+        );
+        if reuse == 1 {
+            assert!(
+                (1..30).any(|l| pos(l) != pos(0)),
+                "independent layers should not all agree"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_second_compression_works_on_an_already_compressed_cache() {
+    let model = default_model();
+    let text = essays(6000);
+    let (a, b) = text.split_at(text.len() / 2);
+    let t1 = model.tokenize(a, true, false).unwrap();
+    let t2 = model.tokenize(b, false, false).unwrap();
+    let mut ctx = ctx_with(model, 2048, FlashAttn::Off, CacheType::F16, CacheType::F16);
+    let mut c = chunkkv(&ctx, 2);
+    c.prefill(&mut ctx, &t1, 0, 300, serde_json::json!(300))
+        .unwrap();
+    let done = c
+        .prefill(&mut ctx, &t2, t1.len() as i32, 400, serde_json::json!(400))
+        .unwrap();
+    assert!(done.compressed);
+    assert_eq!(done.report.cells_before as usize, 300 + t2.len());
+    assert_eq!(ctx.kv_stats(KvPart::Base).unwrap().cells_used, 400);
+    let end = (t1.len() + t2.len()) as i32;
+    assert_eq!(ctx.seq_pos_max(0), Some(end - 1));
+    // Positions are increasing per slot and the newest window closes the cache.
+    let t = c.slot_table();
+    let pos: Vec<i32> = (0..400)
+        .map(|i| t.position(0, 0, i, &[]).unwrap())
+        .collect();
+    assert!(pos.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(pos[399], end - 1);
+    let (toks, _, _, _) = pipeline::decode(&mut ctx, &mut greedy(), end, 8, |_| {}).unwrap();
+    assert_eq!(toks.len(), 8);
+}
+
+fn load(name: &str) -> Model {
+    Model::load(
+        Backend::init(),
+        &common::model_path(name),
+        &ModelParams::default().with_n_gpu_layers(0),
+    )
+    .unwrap()
+}
+
+#[test]
+fn gemma3_compresses_only_its_full_attention_cache() {
+    let model = load("gemma3-270m");
+    let tokens = model.tokenize(&essays(5000), true, false).unwrap();
+    let mut ctx = ctx_with(
+        &model,
+        2048,
+        FlashAttn::Auto,
+        CacheType::F16,
+        CacheType::F16,
+    );
+    let mut c = chunkkv(&ctx, 2);
+    // 3 full-attention layers of 18; leaders counted over those only.
+    assert_eq!(ctx.kv_layers(KvPart::Base).len(), 3);
+    assert_eq!(c.leader_layers().len(), 2);
+    let hook = Hook {
+        compressor: &mut c,
+        budget: Budget::Ratio(0.2),
+    };
+    let g = pipeline::generate(&mut ctx, &mut greedy(), &tokens, 12, Some(hook), |_| {}).unwrap();
+    let r = g.compression.unwrap();
+    assert_eq!(
+        r.cells_after as usize,
+        Budget::Ratio(0.2).cells_for(tokens.len())
+    );
+    assert_eq!(g.n_gen, 12);
+    let swa = ctx.kv_stats(KvPart::Swa).unwrap();
+    assert!(
+        swa.cells_used as usize > r.cells_after as usize,
+        "the sliding-window cache is not compressed"
+    );
+}
+
+#[test]
+fn qwen_retrieves_a_needle_with_chunkkv_at_20_percent() {
+    let model = load("qwen2.5-0.5b");
+    let needle = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.";
+    let hay = essays(11000);
+    let mut cut = hay.len() / 2;
+    while !hay.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let context = format!("{} {needle} {}", &hay[..cut], &hay[cut..]);
+    let question = "What is the best thing to do in San Francisco? Answer in one sentence.";
+    let prompt = model
+        .apply_chat_template(
+            &[ChatMessage::new(
+                "user",
+                &format!("{context}\n\n{question}"),
+            )],
+            true,
+        )
+        .unwrap();
+    let tokens = model.tokenize(&prompt, true, true).unwrap();
+    assert!(
+        (2500..4000).contains(&tokens.len()),
+        "{} tokens",
+        tokens.len()
+    );
+
+    let answer = |hook: Option<Hook<'_>>, ctx: &mut Context<'_>| {
+        pipeline::generate(ctx, &mut greedy(), &tokens, 32, hook, |_| {}).unwrap()
+    };
+    let mut full = ctx_with(
+        &model,
+        4096,
+        FlashAttn::Auto,
+        CacheType::F16,
+        CacheType::F16,
+    );
+    let full_answer = answer(None, &mut full).text;
+    assert!(
+        full_answer.contains("Dolores Park"),
+        "full cache: {full_answer:?}"
+    );
+    drop(full);
+
+    let mut ctx = ctx_with(
+        &model,
+        4096,
+        FlashAttn::Auto,
+        CacheType::F16,
+        CacheType::F16,
+    );
+    let mut c = chunkkv(&ctx, 2);
+    let compressed = answer(
+        Some(Hook {
+            compressor: &mut c,
+            budget: Budget::Ratio(0.2),
+        }),
+        &mut ctx,
+    );
+    assert!(
+        compressed.text.contains("Dolores Park"),
+        "ChunkKV 20%: {:?}",
+        compressed.text
+    );
+    let report = compressed.compression.unwrap();
+    assert_eq!(
+        report.cells_after as usize,
+        Budget::Ratio(0.2).cells_for(tokens.len())
+    );
+    assert!(report.attn_width_after < report.attn_width_before);
+}
