@@ -389,7 +389,7 @@ fn build_with_cmake(
     link_libraries(kind, backends);
     if shared {
         println!(
-            "cargo:rustc-link-arg=-Wl,-rpath,{}",
+            "cargo:rustc-link-arg=-Wl,--enable-new-dtags,-rpath,{}",
             dst.join("lib").display()
         );
     }

@@ -23,3 +23,24 @@ pub fn machine_description() -> String {
         std::env::consts::OS
     )
 }
+
+/// The git commit of the source tree this binary was run from, if known:
+/// `$CHUNKKV_COMMIT`, else `git rev-parse` in the crate's directory.
+pub fn commit() -> String {
+    if let Ok(c) = std::env::var("CHUNKKV_COMMIT") {
+        return c;
+    }
+    std::process::Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}

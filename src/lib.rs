@@ -6,6 +6,7 @@
 //! - [`pipeline`]: prefill and generation on one sequence.
 //! - [`cli`]: the `chunkkv` command line.
 
+pub mod bench;
 pub mod cli;
 pub mod compress;
 pub mod hardware;
@@ -13,3 +14,4 @@ pub mod llama;
 pub mod models;
 pub mod pipeline;
 pub(crate) mod sys;
+pub mod workload;

@@ -69,36 +69,21 @@ fn assert_rows_move_exactly(fa: FlashAttn, k: CacheType, v: CacheType) {
     let after = parse_kv_state(&ctx.state_seq_get(0).unwrap());
     assert_eq!(after.pos.len(), n_keep);
     let table = c.slot_table();
-    let info = model.info();
-    let heads = info.n_head_kv as usize;
+    let heads = model.info().n_head_kv as usize;
     for l in 0..after.k.len() {
-        let (row, ref k_after) = after.k[l];
-        let (_, ref k_before) = before.k[l];
-        let head_bytes = row / heads;
         for h in 0..heads {
             for i in 0..n_keep {
                 let p = table.position(l, h, i, &[]).unwrap() as usize;
-                let a = &k_after[i * row + h * head_bytes..][..head_bytes];
-                let b = &k_before[p * row + h * head_bytes..][..head_bytes];
-                assert_eq!(a, b, "K layer {l} head {h} slot {i} (pos {p})");
-                if after.v_trans {
-                    let (el, ref v_after) = after.v[l];
-                    let (_, ref v_before) = before.v[l];
-                    for j in h * info.head_dim as usize..(h + 1) * info.head_dim as usize {
-                        let a = &v_after[(j * n_keep + i) * el..][..el];
-                        let b = &v_before[(j * n + p) * el..][..el];
-                        assert_eq!(a, b, "V^T layer {l} head {h} dim {j} slot {i}");
-                    }
-                } else {
-                    let (vrow, ref v_after) = after.v[l];
-                    let (_, ref v_before) = before.v[l];
-                    let vh = vrow / heads;
-                    assert_eq!(
-                        &v_after[i * vrow + h * vh..][..vh],
-                        &v_before[p * vrow + h * vh..][..vh],
-                        "V layer {l} head {h} slot {i}"
-                    );
-                }
+                assert_eq!(
+                    after.k_head(l, i, h, heads),
+                    before.k_head(l, p, h, heads),
+                    "K layer {l} head {h} slot {i} (pos {p})"
+                );
+                assert_eq!(
+                    after.v_head(l, i, h, heads),
+                    before.v_head(l, p, h, heads),
+                    "V layer {l} head {h} slot {i} (pos {p})"
+                );
             }
         }
     }

@@ -1,8 +1,10 @@
 //! The `chunkkv` command line: clap derive, llama.cpp's flag names.
 
+mod bench;
 mod generate;
 mod info;
 mod models;
+mod verify;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -35,6 +37,10 @@ pub enum Command {
     Models(models::ModelsCommand),
     /// Generate text from a prompt.
     Generate(generate::GenerateArgs),
+    /// Decode speed and KV memory: full cache vs ChunkKV vs a fresh context at the budget.
+    Bench(bench::BenchArgs),
+    /// Check that compaction moves every kept K/V row exactly on this backend.
+    Verify(verify::VerifyArgs),
 }
 
 /// llama.cpp's multi-letter single-dash flags and the long flags they mean.
@@ -92,6 +98,8 @@ impl Cli {
             Command::Info(a) => info::run(a),
             Command::Models(c) => models::run(c),
             Command::Generate(a) => generate::run(a),
+            Command::Bench(a) => bench::run(a),
+            Command::Verify(a) => verify::run(a),
         }
     }
 }

@@ -189,17 +189,9 @@ impl Compressor {
             ctx.decode_tokens(tokens, start, SEQ, true)?;
             full = stats(ctx)?;
         } else {
-            if let Some(ScoreRows::Last(_)) = rows {
-                if w > ctx.n_ubatch() as usize {
-                    return Err(CompressError::Config(format!(
-                        "the observation window ({w}) must fit one micro-batch (-ub {})",
-                        ctx.n_ubatch()
-                    )));
-                }
-            }
-            let leaders = self.leader_flags(ctx);
             let (head, tail) = tokens.split_at(n - w);
             if rows == Some(ScoreRows::All) {
+                let leaders = self.leader_flags(ctx);
                 ctx.importance_begin(&leaders, ScoreRows::All);
             }
             let decoded = if head.is_empty() {
@@ -207,37 +199,11 @@ impl Compressor {
             } else {
                 ctx.decode_tokens(head, start, SEQ, false)
             };
-            let t_imp = Instant::now();
-            if let Some(ScoreRows::Last(_)) = rows {
-                ctx.importance_begin(&leaders, ScoreRows::Last(w as u32));
-            }
-            let decoded = decoded
-                .and_then(|()| ctx.decode_tokens(tail, start + head.len() as Pos, SEQ, true));
-            if rows.is_some() {
+            if decoded.is_err() && rows.is_some() {
                 ctx.importance_end();
             }
             decoded?;
-            let importance = match rows {
-                Some(_) => self
-                    .leader_layers()
-                    .into_iter()
-                    .map(|il| ctx.importance(il).ok_or(CompressError::NoImportance(il)))
-                    .collect::<Result<Vec<_>, _>>()?,
-                None => Vec::new(),
-            };
-            ms.importance = t_imp.elapsed().as_secs_f64() * 1e3;
-            full = stats(ctx)?;
-
-            let t_sel = Instant::now();
-            let window_from = start + (n - w) as Pos;
-            let (src, kept_pos) = self.select(ctx, &importance, window_from, n_keep)?;
-            ms.select = t_sel.elapsed().as_secs_f64() * 1e3;
-
-            let t_compact = Instant::now();
-            let slot_pos: Vec<Pos> = kept_pos[0][0].clone();
-            ctx.kv_compact(KvPart::Base, SEQ, &src, &slot_pos)?;
-            self.slots.replace(kept_pos);
-            ms.compact = t_compact.elapsed().as_secs_f64() * 1e3;
+            (ms, full) = self.score_and_compact(ctx, tail, start + head.len() as Pos, n_keep)?;
         }
         let after = stats(ctx)?;
         Ok(Prefilled {
@@ -257,6 +223,97 @@ impl Compressor {
                 ms,
             },
         })
+    }
+
+    /// Decodes the observation `window` at `start` on top of what the cache
+    /// already holds, scoring with it, and compresses to `n_keep` cells. For
+    /// window-scored policies (ChunkKV); `prefill` calls it after the head.
+    pub fn compress_window(
+        &mut self,
+        ctx: &mut Context<'_>,
+        window: &[Token],
+        start: Pos,
+        n_keep: usize,
+        budget: serde_json::Value,
+    ) -> Result<Prefilled, CompressError> {
+        if self.policy.score_rows() == Some(ScoreRows::All) {
+            return Err(CompressError::Config(format!(
+                "{} scores with every prompt query: use prefill",
+                self.policy.name()
+            )));
+        }
+        let t_all = Instant::now();
+        let (ms, full) = self.score_and_compact(ctx, window, start, n_keep)?;
+        let after = stats(ctx)?;
+        Ok(Prefilled {
+            ms: t_all.elapsed().as_secs_f64() * 1e3,
+            compressed: true,
+            report: CompressionReport {
+                method: self.policy.name().to_string(),
+                budget,
+                n_prompt: window.len(),
+                n_keep: after.cells_used as usize,
+                cells_before: full.cells_used,
+                cells_after: after.cells_used,
+                bytes_live_before: full.bytes_live,
+                bytes_live_after: after.bytes_live,
+                attn_width_before: full.attn_width,
+                attn_width_after: after.attn_width,
+                ms,
+            },
+        })
+    }
+
+    /// The scored decode of the window, then selection and compaction.
+    fn score_and_compact(
+        &mut self,
+        ctx: &mut Context<'_>,
+        tail: &[Token],
+        tail_start: Pos,
+        n_keep: usize,
+    ) -> Result<(StageMs, crate::llama::KvStats), CompressError> {
+        let rows = self.policy.score_rows();
+        let w = tail.len();
+        if let Some(ScoreRows::Last(_)) = rows {
+            if w > ctx.n_ubatch() as usize {
+                return Err(CompressError::Config(format!(
+                    "the observation window ({w}) must fit one micro-batch (-ub {})",
+                    ctx.n_ubatch()
+                )));
+            }
+        }
+        let mut ms = StageMs::default();
+        let t_imp = Instant::now();
+        if let Some(ScoreRows::Last(_)) = rows {
+            let leaders = self.leader_flags(ctx);
+            ctx.importance_begin(&leaders, ScoreRows::Last(w as u32));
+        }
+        let decoded = ctx.decode_tokens(tail, tail_start, SEQ, true);
+        if rows.is_some() {
+            ctx.importance_end();
+        }
+        decoded?;
+        let importance = match rows {
+            Some(_) => self
+                .leader_layers()
+                .into_iter()
+                .map(|il| ctx.importance(il).ok_or(CompressError::NoImportance(il)))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
+        ms.importance = t_imp.elapsed().as_secs_f64() * 1e3;
+        let full = stats(ctx)?;
+
+        let t_sel = Instant::now();
+        let (src, kept_pos) = self.select(ctx, &importance, tail_start, n_keep)?;
+        ms.select = t_sel.elapsed().as_secs_f64() * 1e3;
+
+        let t_compact = Instant::now();
+        let slot_pos: Vec<Pos> = kept_pos[0][0].clone();
+        ctx.kv_compact(KvPart::Base, SEQ, &src, &slot_pos)?;
+        self.slots.replace(kept_pos);
+        ms.compact = t_compact.elapsed().as_secs_f64() * 1e3;
+        Ok((ms, full))
     }
 
     fn leader_flags(&self, ctx: &Context<'_>) -> Vec<bool> {

@@ -7,6 +7,7 @@ pub mod compressor;
 pub mod policy;
 pub mod reuse;
 pub mod slots;
+pub mod verify;
 
 pub use budget::Budget;
 pub use chunkkv::{ChunkKv, ChunkScore};

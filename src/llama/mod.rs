@@ -9,6 +9,7 @@ mod error;
 mod kv;
 mod model;
 mod sampler;
+mod state;
 
 pub use backend::{Backend, Device, DeviceKind};
 pub use batch::Batch;
@@ -20,6 +21,7 @@ pub use error::{
 pub use kv::{CompactError, KvPart, KvStats, LayerImportance, ScoreRows};
 pub use model::{apply_template, ChatMessage, Model, ModelInfo, ModelParams, Token};
 pub use sampler::{Sampler, SamplingParams};
+pub use state::{DumpError, KvDump};
 
 /// Version facts fixed at build time.
 pub mod version {

@@ -38,74 +38,9 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_chunkkv")
 }
 
-/// One attention cache as serialized by `llama_state_seq_get_data`
-/// (the layout written by llama_kv_cache::state_write of the pinned llama.cpp).
-#[derive(Debug, Clone)]
-pub struct KvDump {
-    /// Position of each serialized cell, in cell order.
-    pub pos: Vec<i32>,
-    pub v_trans: bool,
-    /// Per storage layer: (row bytes, cell-major rows).
-    pub k: Vec<(usize, Vec<u8>)>,
-    /// Per storage layer: row bytes and rows; when `v_trans`, (element bytes, dim-major elements).
-    pub v: Vec<(usize, Vec<u8>)>,
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> &[u8] {
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        a
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take(4).try_into().unwrap())
-    }
-    fn i32(&mut self) -> i32 {
-        i32::from_le_bytes(self.take(4).try_into().unwrap())
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take(8).try_into().unwrap())
-    }
-}
-
-/// Parses the first (full-attention) cache of a single-stream sequence state.
-pub fn parse_kv_state(blob: &[u8]) -> KvDump {
-    let mut r = Reader(blob);
-    let (_magic, _seq) = (r.u32(), r.i32());
-    assert_eq!(r.u32(), 1, "one stream");
-    let n_cells = r.u32() as usize;
-    let mut pos = Vec::with_capacity(n_cells);
-    for _ in 0..n_cells {
-        pos.push(r.i32());
-        let n_seq = r.u32();
-        for _ in 0..n_seq {
-            r.i32();
-        }
-    }
-    let v_trans = r.u32() == 1;
-    let n_layer = r.u32() as usize;
-    let (_rot_k, _rot_v) = (r.u32(), r.u32());
-    let mut k = Vec::new();
-    for _ in 0..n_layer {
-        let _type = r.i32();
-        let row = r.u64() as usize;
-        k.push((row, r.take(row * n_cells).to_vec()));
-    }
-    let mut v = Vec::new();
-    for _ in 0..n_layer {
-        let _type = r.i32();
-        if v_trans {
-            let el = r.u32() as usize;
-            let n_embd = r.u32() as usize;
-            v.push((el, r.take(el * n_embd * n_cells).to_vec()));
-        } else {
-            let row = r.u64() as usize;
-            v.push((row, r.take(row * n_cells).to_vec()));
-        }
-    }
-    KvDump { pos, v_trans, k, v }
+/// Parses the full-attention cache of a sequence state.
+pub fn parse_kv_state(blob: &[u8]) -> chunkkv::llama::KvDump {
+    chunkkv::llama::KvDump::parse(blob).expect("parse sequence state")
 }
 
 /// The shared data directory: `$CHUNKKV_DATA`, else `../shared/data` beside the repo.

@@ -1,0 +1,206 @@
+//! End-to-end speed and memory of compressed caches, llama-bench style:
+//! prefill `pp{d}`, then decode `tg{n} @ d{d}` with the full cache, with
+//! ChunkKV at each budget (in place, and moved into a right-sized context),
+//! and with a fresh context holding only the budget's worth of tokens (the
+//! bound a perfect compaction approaches).
+
+use std::time::Instant;
+
+use crate::compress::{Budget, ChunkKv, CompressError, Compressor};
+use crate::llama::{
+    Context, ContextError, ContextParams, DecodeError, KvPart, Model, StateError, Token,
+};
+use crate::pipeline::SEQ;
+use crate::workload::prompt_tokens;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub depths: Vec<usize>,
+    pub n_gen: usize,
+    pub budgets: Vec<Budget>,
+    pub reps: usize,
+    pub chunkkv: ChunkKv,
+    pub reuse: usize,
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchRow {
+    pub depth: usize,
+    /// `full`, `chunkkv`, `chunkkv-resized` or `bound`.
+    pub method: String,
+    pub budget: f64,
+    pub cells: u32,
+    pub bytes_live: u64,
+    pub bytes_allocated: u64,
+    pub attn_width: u32,
+    pub prefill_ms: f64,
+    pub prefill_tok_s: f64,
+    /// Extra prefill time of compression (importance, selection, compaction).
+    pub overhead_ms: f64,
+    pub overhead_pct: f64,
+    pub decode_tok_s: f64,
+    pub decode_tok_s_std: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Compress(#[from] CompressError),
+    #[error(transparent)]
+    Tokenize(#[from] crate::llama::TokenizeError),
+    #[error("{0}")]
+    Config(String),
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len().max(1) as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+/// Decodes `n` tokens one at a time after position `at`, `reps` times
+/// (removing them in between), like llama-bench's `tg`. Returns tokens/s.
+fn decode_speed(
+    ctx: &mut Context<'_>,
+    feed: &[Token],
+    at: usize,
+    reps: usize,
+) -> Result<(f64, f64), BenchError> {
+    let mut rates = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        for (i, &tok) in feed.iter().enumerate() {
+            ctx.decode_tokens(&[tok], (at + i) as i32, SEQ, true)?;
+        }
+        rates.push(feed.len() as f64 * 1e3 / ms_since(t));
+        ctx.seq_rm(SEQ, at as i32, -1);
+    }
+    Ok(mean_std(&rates))
+}
+
+fn row(depth: usize, method: &str, budget: f64, ctx: &Context<'_>) -> BenchRow {
+    let kv = ctx.kv_stats(KvPart::Base).expect("attention cache");
+    BenchRow {
+        depth,
+        method: method.into(),
+        budget,
+        cells: kv.cells_used,
+        bytes_live: kv.bytes_live,
+        bytes_allocated: kv.bytes_allocated,
+        attn_width: kv.attn_width,
+        prefill_ms: 0.0,
+        prefill_tok_s: 0.0,
+        overhead_ms: 0.0,
+        overhead_pct: 0.0,
+        decode_tok_s: 0.0,
+        decode_tok_s_std: 0.0,
+    }
+}
+
+/// Context size for `tokens` plus generation, padded like llama.cpp (256).
+fn ctx_size(tokens: usize) -> u32 {
+    (tokens.div_ceil(256) * 256).max(256) as u32
+}
+
+/// Runs every configuration at every depth; `on_row` sees rows as they finish.
+pub fn run(
+    model: &Model,
+    params: &ContextParams,
+    cfg: &BenchConfig,
+    mut on_row: impl FnMut(&BenchRow),
+) -> Result<Vec<BenchRow>, BenchError> {
+    let w = cfg.chunkkv.window;
+    let mut rows = Vec::new();
+    let mut push = |r: BenchRow, rows: &mut Vec<BenchRow>| {
+        on_row(&r);
+        rows.push(r);
+    };
+    for &depth in &cfg.depths {
+        if depth <= w + 1 {
+            return Err(BenchError::Config(format!(
+                "depth {depth} must exceed the window ({w})"
+            )));
+        }
+        let tokens = prompt_tokens(model, depth + cfg.n_gen, depth as u64)?;
+        let (prompt, feed) = tokens.split_at(depth);
+        let (head, window) = prompt.split_at(depth - w);
+        let full_params = params.clone().with_n_ctx(ctx_size(depth + cfg.n_gen));
+        let mut ctx = Context::new(model, &full_params)?;
+
+        // Full cache: prefill (head, then window), decode.
+        let t = Instant::now();
+        ctx.decode_tokens(head, 0, SEQ, false)?;
+        let head_ms = ms_since(t);
+        let head_state = ctx.state_seq_get(SEQ)?;
+        let t = Instant::now();
+        ctx.decode_tokens(window, (depth - w) as i32, SEQ, true)?;
+        let window_ms = ms_since(t);
+        let prefill_ms = head_ms + window_ms;
+        let mut r = row(depth, "full", 1.0, &ctx);
+        (r.decode_tok_s, r.decode_tok_s_std) = decode_speed(&mut ctx, feed, depth, cfg.reps)?;
+        r.prefill_ms = prefill_ms;
+        r.prefill_tok_s = depth as f64 * 1e3 / prefill_ms;
+        push(r, &mut rows);
+
+        for &budget in &cfg.budgets {
+            let n_keep = budget.cells_for(depth);
+            let b = match budget {
+                Budget::Ratio(x) => x,
+                Budget::Tokens(t) => t as f64 / depth as f64,
+            };
+            // ChunkKV in place: restore the head, score with the window, compact.
+            ctx.memory_clear(true);
+            ctx.state_seq_set(SEQ, &head_state)?;
+            let mut c = Compressor::new(&ctx, Box::new(cfg.chunkkv.clone()), w, cfg.reuse)?;
+            let done =
+                c.compress_window(&mut ctx, window, (depth - w) as i32, n_keep, budget.json())?;
+            let mut r = row(depth, "chunkkv", b, &ctx);
+            r.overhead_ms = (done.ms - window_ms).max(0.0);
+            r.overhead_pct = 100.0 * r.overhead_ms / prefill_ms;
+            r.prefill_ms = head_ms + done.ms;
+            r.prefill_tok_s = depth as f64 * 1e3 / r.prefill_ms;
+            (r.decode_tok_s, r.decode_tok_s_std) = decode_speed(&mut ctx, feed, depth, cfg.reps)?;
+            let (overhead_ms, overhead_pct, pf_ms, pf) =
+                (r.overhead_ms, r.overhead_pct, r.prefill_ms, r.prefill_tok_s);
+            push(r, &mut rows);
+
+            // The same cells moved into a context sized for them: memory freed.
+            let compact_state = ctx.state_seq_get(SEQ)?;
+            let small = params.clone().with_n_ctx(ctx_size(n_keep + cfg.n_gen));
+            let mut sctx = Context::new(model, &small)?;
+            sctx.state_seq_set(SEQ, &compact_state)?;
+            let mut r = row(depth, "chunkkv-resized", b, &sctx);
+            (r.overhead_ms, r.overhead_pct, r.prefill_ms, r.prefill_tok_s) =
+                (overhead_ms, overhead_pct, pf_ms, pf);
+            (r.decode_tok_s, r.decode_tok_s_std) = decode_speed(&mut sctx, feed, depth, cfg.reps)?;
+            push(r, &mut rows);
+            drop(sctx);
+
+            // Bound: a fresh context (same size as the full one) holding only n_keep tokens.
+            let mut fresh = Context::new(model, &full_params)?;
+            let t = Instant::now();
+            fresh.decode_tokens(&prompt[..n_keep], 0, SEQ, true)?;
+            let fresh_ms = ms_since(t);
+            let mut r = row(depth, "bound", b, &fresh);
+            r.prefill_ms = fresh_ms;
+            r.prefill_tok_s = n_keep as f64 * 1e3 / fresh_ms;
+            (r.decode_tok_s, r.decode_tok_s_std) =
+                decode_speed(&mut fresh, feed, n_keep, cfg.reps)?;
+            push(r, &mut rows);
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,156 @@
+//! `chunkkv bench`: decode speed and memory of compressed caches against the
+//! full cache and the fresh-context bound, llama-bench style (md or json).
+
+use clap::{Args, ValueEnum};
+
+use super::{ContextArgs, ModelArgs};
+use crate::bench::{self, BenchConfig, BenchRow};
+use crate::compress::{Budget, ChunkKv, ChunkScore};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Md,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt depths in tokens, comma-separated.
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "2048,4096"
+    )]
+    pub depths: Vec<usize>,
+    /// Tokens decoded per measurement (tg).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 64)]
+    pub n_gen: usize,
+    /// ChunkKV budgets, comma-separated.
+    #[arg(long = "kv-budget", value_delimiter = ',', default_value = "0.1,0.2")]
+    pub budgets: Vec<Budget>,
+    /// Repetitions of each decode measurement.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 2)]
+    pub reps: usize,
+    #[arg(long = "chunk-size", default_value_t = 10)]
+    pub chunk_size: usize,
+    #[arg(long = "kv-window", default_value_t = 32)]
+    pub window: usize,
+    #[arg(long = "reuse-layers", default_value_t = 2)]
+    pub reuse_layers: usize,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "md")]
+    pub output: Output,
+    #[command(flatten)]
+    pub context: ContextArgs,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.depths.is_empty() || args.budgets.is_empty() {
+        anyhow::bail!("-p and --kv-budget need at least one value each");
+    }
+    if !(1..=100).contains(&args.reps) {
+        anyhow::bail!("-r must be between 1 and 100");
+    }
+    if args.n_gen == 0 || args.chunk_size == 0 || args.window == 0 || args.reuse_layers == 0 {
+        anyhow::bail!("-n, --chunk-size, --kv-window and --reuse-layers must be at least 1");
+    }
+    let model = args.model.load()?;
+    let info = model.info();
+    let cfg = BenchConfig {
+        depths: args.depths.clone(),
+        n_gen: args.n_gen,
+        budgets: args.budgets.clone(),
+        reps: args.reps,
+        chunkkv: ChunkKv {
+            chunk_size: args.chunk_size,
+            window: args.window,
+            chunk_score: ChunkScore::Sum,
+            pool: None,
+        },
+        reuse: args.reuse_layers,
+    };
+    let params = args.context.params();
+    let rows = bench::run(&model, &params, &cfg, |r| {
+        eprintln!(
+            "bench: d{} {} {:.0}%: {:.1} tok/s decode, {} cells",
+            r.depth,
+            r.method,
+            r.budget * 100.0,
+            r.decode_tok_s,
+            r.cells
+        )
+    })?;
+    let backend = crate::llama::version::BACKENDS;
+    let header = serde_json::json!({
+        "model": info.description,
+        "model_path": model.path(),
+        "machine": crate::hardware::machine_description(),
+        "backend": backend,
+        "n_gpu_layers": args.model.n_gpu_layers,
+        "flash_attn": args.context.flash_attn.to_string(),
+        "cache_type_k": args.context.cache_type_k,
+        "cache_type_v": args.context.cache_type_v,
+        "threads": params_threads(&args),
+        "commit": crate::hardware::commit(),
+    });
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "header": header, "rows": rows }))?
+        ),
+        Output::Md => print_md(&info.description, args.n_gen, &rows),
+    }
+    Ok(())
+}
+
+fn params_threads(args: &BenchArgs) -> i32 {
+    args.context
+        .threads
+        .unwrap_or(crate::hardware::physical_cores() as i32)
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1u64 << 20) as f64
+}
+
+fn print_md(model: &str, n_gen: usize, rows: &[BenchRow]) {
+    println!("| model | test | cache | budget | cells | KV live MiB | KV alloc MiB | attn width | prefill t/s | overhead ms (% of prefill) | decode t/s | vs bound |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let bound = rows
+            .iter()
+            .find(|b| {
+                b.method == "bound" && b.depth == r.depth && (b.budget - r.budget).abs() < 1e-9
+            })
+            .map(|b| b.decode_tok_s);
+        let vs = match (r.method.as_str(), bound) {
+            ("bound", _) | (_, None) => String::new(),
+            (_, Some(b)) => format!("{:.2}x", r.decode_tok_s / b),
+        };
+        let overhead = if r.method.starts_with("chunkkv") {
+            format!("{:.1} ({:.2}%)", r.overhead_ms, r.overhead_pct)
+        } else {
+            String::new()
+        };
+        let budget = if r.method == "full" {
+            "100%".to_string()
+        } else {
+            format!("{:.0}%", r.budget * 100.0)
+        };
+        println!(
+            "| {model} | tg{n_gen} @ d{} | {} | {budget} | {} | {:.2} | {:.2} | {} | {:.1} | {overhead} | {:.2} ± {:.2} | {vs} |",
+            r.depth,
+            r.method,
+            r.cells,
+            mib(r.bytes_live),
+            mib(r.bytes_allocated),
+            r.attn_width,
+            r.prefill_tok_s,
+            r.decode_tok_s,
+            r.decode_tok_s_std,
+        );
+    }
+}
