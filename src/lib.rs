@@ -13,5 +13,6 @@ pub mod hardware;
 pub mod llama;
 pub mod models;
 pub mod pipeline;
+pub mod synth;
 pub(crate) mod sys;
 pub mod workload;

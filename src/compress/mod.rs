@@ -1,6 +1,7 @@
 //! KV-cache compression: budgets, selection policies (ChunkKV), layer-wise
 //! index reuse, the slot→position table, and the hook that compacts the cache.
 
+pub mod baselines;
 pub mod budget;
 pub mod chunkkv;
 pub mod compressor;
