@@ -43,6 +43,9 @@ pub struct BenchArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "md")]
     pub output: Output,
+    /// Also write the JSON result to this file.
+    #[arg(long = "json-out")]
+    pub json_out: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub context: ContextArgs,
 }
