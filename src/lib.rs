@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod compare;
 pub mod compress;
 pub mod hardware;
 pub mod llama;

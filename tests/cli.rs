@@ -261,3 +261,110 @@ fn bad_compression_arguments_are_clear_errors() {
         assert_one_line_error(&run(&args), needle);
     }
 }
+
+#[test]
+fn compare_prints_one_row_per_configuration_as_json() {
+    let model = model_path("smollm2-135m");
+    let o = run(&[
+        "compare",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "300",
+        "-n",
+        "8",
+        "-r",
+        "1",
+        "-fa",
+        "off",
+        "--kv-method",
+        "chunkkv,streaming",
+        "--kv-budget",
+        "0.3",
+        "-o",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("pure JSON");
+    for k in ["model", "machine", "backend", "commit"] {
+        assert!(v["header"][k].is_string(), "header.{k}");
+    }
+    let rows = v["rows"].as_array().unwrap();
+    let got: Vec<(String, String, f64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap().to_string(),
+                r["cache_type_k"].as_str().unwrap().to_string(),
+                r["budget"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let want = [
+        ("none", "f16", 1.0),
+        ("chunkkv", "f16", 0.3),
+        ("streaming", "f16", 0.3),
+        ("none", "q8_0", 1.0),
+        ("chunkkv", "q8_0", 0.3),
+        ("none", "q4_0", 1.0),
+    ];
+    assert_eq!(got.len(), want.len(), "{got:?}");
+    for ((m, t, b), (wm, wt, wb)) in got.iter().zip(want) {
+        assert_eq!((m.as_str(), t.as_str()), (wm, wt));
+        assert!((b - wb).abs() < 1e-9);
+    }
+    let keys = [
+        "method",
+        "budget",
+        "cache_type_k",
+        "cache_type_v",
+        "bytes_live",
+        "bytes_allocated",
+        "prefill_tok_s",
+        "ttft_ms",
+        "decode_tok_s",
+        "overhead_ms",
+        "agreement",
+        "kl",
+    ];
+    for r in rows {
+        for k in keys {
+            assert!(!r[k].is_null(), "row lacks {k}: {r}");
+        }
+    }
+    // The default cache is the reference; compressed rows hold less and free memory.
+    assert_eq!(rows[0]["agreement"], 1.0);
+    assert_eq!(rows[0]["kl"], 0.0);
+    assert!(rows[1]["bytes_live"].as_u64() < rows[0]["bytes_live"].as_u64());
+    assert!(rows[1]["bytes_allocated"].as_u64() < rows[0]["bytes_allocated"].as_u64());
+    assert!(rows[1]["kl"].as_f64().unwrap() >= 0.0);
+    assert!(
+        rows[3]["bytes_live"].as_u64() < rows[0]["bytes_live"].as_u64(),
+        "q8_0 is smaller than f16"
+    );
+    assert!(
+        rows[5]["bytes_live"].as_u64() < rows[3]["bytes_live"].as_u64(),
+        "q4_0 is smaller than q8_0"
+    );
+}
+
+#[test]
+fn compare_bad_input_is_a_clear_error() {
+    let model = model_path("smollm2-135m");
+    let m = model.to_str().unwrap();
+    let dir = std::env::temp_dir().join(format!("chunkkv-test-cmp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "  \n").unwrap();
+    assert_one_line_error(
+        &run(&["compare", "-m", m, "-f", empty.to_str().unwrap()]),
+        "is empty",
+    );
+    assert_one_line_error(&run(&["compare", "-m", m, "-r", "1000"]), "is not sensible");
+    let o = run(&["compare", "-m", m, "--kv-method", "nosuch"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("nosuch"), "{}", stderr(&o));
+    let o = run(&["compare", "-m", m, "--kv-budget", ","]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("invalid KV budget"), "{}", stderr(&o));
+}

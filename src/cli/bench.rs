@@ -99,11 +99,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "threads": params_threads(&args),
         "commit": crate::hardware::commit(),
     });
+    let json =
+        serde_json::to_string_pretty(&serde_json::json!({ "header": header, "rows": rows }))?;
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, &json)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
     match args.output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "header": header, "rows": rows }))?
-        ),
+        Output::Json => println!("{json}"),
         Output::Md => print_md(&info.description, args.n_gen, &rows),
     }
     Ok(())

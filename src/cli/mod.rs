@@ -1,6 +1,7 @@
 //! The `chunkkv` command line: clap derive, llama.cpp's flag names.
 
 mod bench;
+mod compare;
 mod generate;
 mod info;
 mod models;
@@ -37,6 +38,8 @@ pub enum Command {
     Models(models::ModelsCommand),
     /// Generate text from a prompt.
     Generate(generate::GenerateArgs),
+    /// One prompt under llama.cpp's caches and every method and budget, side by side.
+    Compare(compare::CompareArgs),
     /// Decode speed and KV memory: full cache vs ChunkKV vs a fresh context at the budget.
     Bench(bench::BenchArgs),
     /// Check that compaction moves every kept K/V row exactly on this backend.
@@ -99,6 +102,7 @@ impl Cli {
             Command::Models(c) => models::run(c),
             Command::Generate(a) => generate::run(a),
             Command::Bench(a) => bench::run(a),
+            Command::Compare(a) => compare::run(a),
             Command::Verify(a) => verify::run(a),
         }
     }
@@ -226,6 +230,9 @@ pub struct CompressArgs {
     /// Average-pool token scores with this kernel before chunking (0: off).
     #[arg(long = "kv-pool", default_value_t = 0)]
     pub pool: usize,
+    /// Seed of the `random` method.
+    #[arg(long = "kv-seed", default_value_t = 1)]
+    pub seed: u64,
 }
 
 impl CompressArgs {
@@ -241,15 +248,29 @@ impl CompressArgs {
                 "--kv-window must be at least 1".into(),
             ));
         }
-        let policy = match self.method {
-            Method::None => return Ok(None),
+        if self.method == Method::None {
+            return Ok(None);
+        }
+        let policy: Box<dyn crate::compress::Policy> = match self.method {
             Method::Chunkkv => Box::new(ChunkKv {
                 chunk_size: self.chunk_size,
                 window: self.window,
                 chunk_score: self.chunk_score,
                 pool: (self.pool > 1).then_some(self.pool),
             }),
+            m => m.policy(self.window, self.chunk_size, self.seed)?,
         };
-        Compressor::new(ctx, policy, self.window, self.reuse_layers).map(Some)
+        // Layer reuse is ChunkKV's; the baselines score every layer.
+        let reuse = if self.method == Method::Chunkkv {
+            self.reuse_layers
+        } else {
+            1
+        };
+        if self.reuse_layers == 0 {
+            return Err(CompressError::Config(
+                "--reuse-layers must be at least 1".into(),
+            ));
+        }
+        Compressor::new(ctx, policy, self.window, reuse).map(Some)
     }
 }

@@ -24,6 +24,16 @@ pub enum Method {
     /// ChunkKV: whole chunks ranked by window attention, reused across layer groups.
     #[default]
     Chunkkv,
+    /// StreamingLLM: 4 sink tokens and the most recent.
+    Streaming,
+    /// H2O (prefill variant): attention of every prompt query, top per KV head.
+    H2o,
+    /// SnapKV: window attention, max-pooled, top per KV head.
+    Snapkv,
+    /// PyramidKV: SnapKV scores with per-layer budgets (not supported yet).
+    Pyramidkv,
+    /// A seeded random subset: the floor.
+    Random,
 }
 
 impl Method {
@@ -31,6 +41,45 @@ impl Method {
         match self {
             Method::None => "none",
             Method::Chunkkv => "chunkkv",
+            Method::Streaming => "streaming",
+            Method::H2o => "h2o",
+            Method::Snapkv => "snapkv",
+            Method::Pyramidkv => "pyramidkv",
+            Method::Random => "random",
         }
+    }
+
+    /// The selection policy of a compressing method (`None` has none).
+    pub fn policy(
+        self,
+        window: usize,
+        chunk_size: usize,
+        seed: u64,
+    ) -> Result<Box<dyn Policy>, CompressError> {
+        if window == 0 {
+            return Err(CompressError::Config(
+                "--kv-window must be at least 1".into(),
+            ));
+        }
+        if chunk_size == 0 {
+            return Err(CompressError::Config(
+                "--chunk-size must be at least 1".into(),
+            ));
+        }
+        Ok(match self {
+            Method::None => return Err(CompressError::Config("method `none` does not compress".into())),
+            Method::Chunkkv => Box::new(ChunkKv { chunk_size, window, ..ChunkKv::default() }),
+            Method::Streaming => Box::new(baselines::Streaming::default()),
+            Method::H2o => Box::new(baselines::H2o),
+            Method::Snapkv => Box::new(baselines::SnapKv { window, kernel: 7 }),
+            Method::Random => Box::new(baselines::RandomKeep { seed }),
+            Method::Pyramidkv => {
+                return Err(CompressError::Unsupported(
+                    "pyramidkv needs a different kept count per layer; the compaction keeps one count for every layer, \
+                     so it is not supported yet"
+                        .into(),
+                ))
+            }
+        })
     }
 }
