@@ -402,8 +402,23 @@ impl Compressor {
         imp: Option<&LayerImportance>,
     ) -> LayerCandidates {
         let chunk_size = self.policy.chunk_size().max(1);
-        let heads = (0..self.heads[leader])
-            .map(|h| {
+        let mut heads: Vec<HeadCandidates> = Vec::with_capacity(self.heads[leader]);
+        for h in 0..self.heads[leader] {
+            // Heads holding the same positions (always, for ChunkKV) share one ordering.
+            if h > 0 && self.slots.heads_agree(leader, 0, h) {
+                let first = &heads[0];
+                let score = first
+                    .cell
+                    .iter()
+                    .map(|&c| imp.map_or(0.0, |imp| imp.per_head[h][c]))
+                    .collect();
+                heads.push(HeadCandidates {
+                    score,
+                    ..first.clone()
+                });
+                continue;
+            }
+            heads.push({
                 let mut items: Vec<(Pos, usize)> = cells
                     .iter()
                     .map(|&c| {
@@ -433,8 +448,8 @@ impl Compressor {
                     out.score.push(imp.map_or(0.0, |imp| imp.per_head[h][c]));
                 }
                 out
-            })
-            .collect();
+            });
+        }
         LayerCandidates {
             layer: self.layers[leader],
             heads,

@@ -45,6 +45,11 @@ impl SlotTable {
         self.n_slots() == 0 || a == b || self.pos[a].get(h) == self.pos[b].get(h)
     }
 
+    /// Whether heads `a` and `b` of storage layer `l` hold the same position in every slot.
+    pub fn heads_agree(&self, l: usize, a: usize, b: usize) -> bool {
+        self.n_slots() == 0 || a == b || self.pos[l].get(a) == self.pos[l].get(b)
+    }
+
     /// Records a compaction: `kept[layer][head]` lists the positions now in slots `0..`.
     pub fn replace(&mut self, kept: Vec<Vec<Vec<Pos>>>) {
         self.pos = kept;
