@@ -232,7 +232,7 @@ pub struct CompressArgs {
     pub pool: usize,
     /// Seed of the `random` method.
     #[arg(long = "kv-seed", default_value_t = 1)]
-    pub seed: u64,
+    pub kv_seed: u64,
 }
 
 impl CompressArgs {
@@ -258,7 +258,7 @@ impl CompressArgs {
                 chunk_score: self.chunk_score,
                 pool: (self.pool > 1).then_some(self.pool),
             }),
-            m => m.policy(self.window, self.chunk_size, self.seed)?,
+            m => m.policy(self.window, self.chunk_size, self.kv_seed)?,
         };
         // Layer reuse is ChunkKV's; the baselines score every layer.
         let reuse = if self.method == Method::Chunkkv {
@@ -272,5 +272,42 @@ impl CompressArgs {
             ));
         }
         Compressor::new(ctx, policy, self.window, reuse).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// clap's own consistency check: duplicate ids, conflicting flags, bad defaults.
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn llama_style_flags_are_rewritten() {
+        let args = Cli::normalize(
+            [
+                "chunkkv", "generate", "-ngl", "99", "-fa=on", "-ctk", "q8_0", "--", "-ctv",
+            ]
+            .map(Into::into),
+        );
+        let args: Vec<String> = args.into_iter().map(|a| a.into_string().unwrap()).collect();
+        assert_eq!(
+            args,
+            [
+                "chunkkv",
+                "generate",
+                "--n-gpu-layers",
+                "99",
+                "--flash-attn=on",
+                "--cache-type-k",
+                "q8_0",
+                "--",
+                "-ctv"
+            ]
+        );
     }
 }
