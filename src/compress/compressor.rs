@@ -205,24 +205,7 @@ impl Compressor {
             decoded?;
             (ms, full) = self.score_and_compact(ctx, tail, start + head.len() as Pos, n_keep)?;
         }
-        let after = stats(ctx)?;
-        Ok(Prefilled {
-            ms: t_all.elapsed().as_secs_f64() * 1e3,
-            compressed: compress,
-            report: CompressionReport {
-                method: self.policy.name().to_string(),
-                budget,
-                n_prompt: n,
-                n_keep: after.cells_used as usize,
-                cells_before: full.cells_used,
-                cells_after: after.cells_used,
-                bytes_live_before: full.bytes_live,
-                bytes_live_after: after.bytes_live,
-                attn_width_before: full.attn_width,
-                attn_width_after: after.attn_width,
-                ms,
-            },
-        })
+        self.finish(ctx, t_all, compress, n, budget, full, ms)
     }
 
     /// Decodes the observation `window` at `start` on top of what the cache
@@ -243,15 +226,44 @@ impl Compressor {
             )));
         }
         let t_all = Instant::now();
+        let total = stats(ctx)?.cells_used as usize + window.len();
+        if n_keep >= total {
+            ctx.decode_tokens(window, start, SEQ, true)?;
+            let full = stats(ctx)?;
+            return self.finish(
+                ctx,
+                t_all,
+                false,
+                window.len(),
+                budget,
+                full,
+                StageMs::default(),
+            );
+        }
         let (ms, full) = self.score_and_compact(ctx, window, start, n_keep)?;
+        self.finish(ctx, t_all, true, window.len(), budget, full, ms)
+    }
+
+    /// The report of one prefill: `full` is the cache before compaction.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        ctx: &Context<'_>,
+        t_all: Instant,
+        compressed: bool,
+        n_prompt: usize,
+        budget: serde_json::Value,
+        full: crate::llama::KvStats,
+        ms: StageMs,
+    ) -> Result<Prefilled, CompressError> {
         let after = stats(ctx)?;
         Ok(Prefilled {
             ms: t_all.elapsed().as_secs_f64() * 1e3,
-            compressed: true,
+            compressed,
             report: CompressionReport {
                 method: self.policy.name().to_string(),
                 budget,
-                n_prompt: window.len(),
+                n_prompt,
                 n_keep: after.cells_used as usize,
                 cells_before: full.cells_used,
                 cells_after: after.cells_used,
@@ -338,24 +350,13 @@ impl Compressor {
         let meta = ctx.kv_cell_positions(KvPart::Base, SEQ);
         let used: Vec<usize> = (0..meta.len()).filter(|&c| meta[c].is_some()).collect();
         // The window is the freshest tokens: the same cells in every layer.
-        let mut window: Vec<usize> = used
-            .iter()
-            .copied()
-            .filter(|&c| !self.slots.is_compacted(c) && meta[c] >= Some(window_from))
-            .collect();
+        let in_window = |c: usize| !self.slots.is_compacted(c) && meta[c] >= Some(window_from);
+        let (mut window, candidates): (Vec<usize>, Vec<usize>) =
+            used.iter().partition(|&&c| in_window(c));
         window.sort_by_key(|&c| meta[c]);
+        // A budget smaller than the window keeps its most recent part.
         let w_keep = window.len().min(n_keep);
         let window = &window[window.len() - w_keep..];
-        let window_all: std::collections::HashSet<usize> = used
-            .iter()
-            .copied()
-            .filter(|&c| !self.slots.is_compacted(c) && meta[c] >= Some(window_from))
-            .collect();
-        let candidates: Vec<usize> = used
-            .iter()
-            .copied()
-            .filter(|c| !window_all.contains(c))
-            .collect();
         let n_select = (n_keep - w_keep).min(candidates.len());
 
         let mut src = vec![Vec::new(); self.layers.len()];
