@@ -60,11 +60,13 @@ pub enum BenchError {
     Config(String),
 }
 
-fn ms_since(t: Instant) -> f64 {
+/// Milliseconds since `t`.
+pub(crate) fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-fn mean_std(xs: &[f64]) -> (f64, f64) {
+/// Mean and population standard deviation.
+pub(crate) fn mean_std(xs: &[f64]) -> (f64, f64) {
     let n = xs.len().max(1) as f64;
     let mean = xs.iter().sum::<f64>() / n;
     let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
@@ -111,7 +113,7 @@ fn row(depth: usize, method: &str, budget: f64, ctx: &Context<'_>) -> BenchRow {
 }
 
 /// Context size for `tokens` plus generation, padded like llama.cpp (256).
-fn ctx_size(tokens: usize) -> u32 {
+pub(crate) fn ctx_size(tokens: usize) -> u32 {
     (tokens.div_ceil(256) * 256).max(256) as u32
 }
 

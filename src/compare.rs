@@ -11,6 +11,7 @@
 
 use std::time::Instant;
 
+use crate::bench::{ctx_size, mean_std, ms_since};
 use crate::compress::{Budget, CompressError, Compressor, Method};
 use crate::llama::{
     CacheType, Context, ContextError, ContextParams, DecodeError, FlashAttn, KvPart, Model,
@@ -112,14 +113,6 @@ fn argmax(logits: &[f32]) -> Token {
     Token(best as i32)
 }
 
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
-}
-
-fn ctx_size(tokens: usize) -> u32 {
-    (tokens.div_ceil(256) * 256).max(256) as u32
-}
-
 /// Greedy continuation from `first_logits` at position `at`, `reps` times.
 /// Returns the tokens, the logits of each step and tokens/s (mean, std).
 #[allow(clippy::type_complexity)]
@@ -156,9 +149,7 @@ fn free_decode(
             tokens = toks;
         }
     }
-    let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
-    let std =
-        (rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rates.len().max(1) as f64).sqrt();
+    let (mean, std) = mean_std(&rates);
     Ok((tokens, steps, mean, std))
 }
 
