@@ -3,7 +3,7 @@
 
 use clap::{Args, ValueEnum};
 
-use super::{ContextArgs, ModelArgs};
+use super::{ChunkArgs, ContextArgs, ModelArgs};
 use crate::bench::{self, BenchConfig, BenchRow};
 use crate::compress::{Budget, ChunkKv, ChunkScore};
 
@@ -34,12 +34,8 @@ pub struct BenchArgs {
     /// Repetitions of each decode measurement.
     #[arg(short = 'r', long = "repetitions", default_value_t = 2)]
     pub reps: usize,
-    #[arg(long = "chunk-size", default_value_t = 10)]
-    pub chunk_size: usize,
-    #[arg(long = "kv-window", default_value_t = 32)]
-    pub window: usize,
-    #[arg(long = "reuse-layers", default_value_t = 2)]
-    pub reuse_layers: usize,
+    #[command(flatten)]
+    pub chunk: ChunkArgs,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "md")]
     pub output: Output,
@@ -57,7 +53,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !(1..=100).contains(&args.reps) {
         anyhow::bail!("-r must be between 1 and 100");
     }
-    if args.n_gen == 0 || args.chunk_size == 0 || args.window == 0 || args.reuse_layers == 0 {
+    if args.n_gen == 0
+        || args.chunk.chunk_size == 0
+        || args.chunk.window == 0
+        || args.chunk.reuse_layers == 0
+    {
         anyhow::bail!("-n, --chunk-size, --kv-window and --reuse-layers must be at least 1");
     }
     let model = args.model.load()?;
@@ -68,12 +68,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         budgets: args.budgets.clone(),
         reps: args.reps,
         chunkkv: ChunkKv {
-            chunk_size: args.chunk_size,
-            window: args.window,
+            chunk_size: args.chunk.chunk_size,
+            window: args.chunk.window,
             chunk_score: ChunkScore::Sum,
             pool: None,
         },
-        reuse: args.reuse_layers,
+        reuse: args.chunk.reuse_layers,
     };
     let params = args.context.params();
     let rows = bench::run(&model, &params, &cfg, |r| {

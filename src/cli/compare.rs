@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
-use super::{ContextArgs, ModelArgs};
+use super::{ChunkArgs, ContextArgs, ModelArgs};
 use crate::compare::{self, CompareConfig, CompareRow, RowSpec};
 use crate::compress::{Budget, Method};
 use crate::llama::CacheType;
@@ -55,12 +55,8 @@ pub struct CompareArgs {
     /// Leave out llama.cpp's q8_0/q4_0 cache rows and ChunkKV on q8_0.
     #[arg(long = "no-quantized")]
     pub no_quantized: bool,
-    #[arg(long = "chunk-size", default_value_t = 10)]
-    pub chunk_size: usize,
-    #[arg(long = "kv-window", default_value_t = 32)]
-    pub window: usize,
-    #[arg(long = "reuse-layers", default_value_t = 2)]
-    pub reuse_layers: usize,
+    #[command(flatten)]
+    pub chunk: ChunkArgs,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "md")]
     pub output: Output,
@@ -145,9 +141,9 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         rows: rows(&args),
         n_gen: args.n_gen,
         reps: args.reps,
-        window: args.window,
-        chunk_size: args.chunk_size,
-        reuse: args.reuse_layers,
+        window: args.chunk.window,
+        chunk_size: args.chunk.chunk_size,
+        reuse: args.chunk.reuse_layers,
     };
     let params = args.context.params();
     let mut all = Vec::new();

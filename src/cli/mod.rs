@@ -206,15 +206,9 @@ impl SamplingArgs {
     }
 }
 
-/// KV-cache compression after prefill.
+/// ChunkKV's shape: shared by every command that compresses.
 #[derive(Debug, Clone, Args)]
-pub struct CompressArgs {
-    /// Compression method (none: llama.cpp's default cache).
-    #[arg(long = "kv-method", value_enum, default_value = "none")]
-    pub method: Method,
-    /// Cells to keep: a share (0.1), a percentage (10%) or a token count (512).
-    #[arg(long = "kv-budget", default_value = "0.1")]
-    pub budget: Budget,
+pub struct ChunkArgs {
     /// ChunkKV chunk size in tokens.
     #[arg(long = "chunk-size", default_value_t = 10)]
     pub chunk_size: usize,
@@ -224,6 +218,19 @@ pub struct CompressArgs {
     /// Layers per reuse group sharing one kept set (1: no reuse).
     #[arg(long = "reuse-layers", default_value_t = 2)]
     pub reuse_layers: usize,
+}
+
+/// KV-cache compression after prefill.
+#[derive(Debug, Clone, Args)]
+pub struct CompressArgs {
+    /// Compression method (none: llama.cpp's default cache).
+    #[arg(long = "kv-method", value_enum, default_value = "none")]
+    pub method: Method,
+    /// Cells to keep: a share (0.1), a percentage (10%) or a token count (512).
+    #[arg(long = "kv-budget", default_value = "0.1")]
+    pub budget: Budget,
+    #[command(flatten)]
+    pub chunk: ChunkArgs,
     /// How a chunk's score is formed from its tokens' scores.
     #[arg(long = "chunk-score", value_enum, default_value = "sum")]
     pub chunk_score: ChunkScore,
@@ -238,12 +245,12 @@ pub struct CompressArgs {
 impl CompressArgs {
     /// The compressor these flags ask for, or `None` for `--kv-method none`.
     pub fn compressor(&self, ctx: &Context<'_>) -> Result<Option<Compressor>, CompressError> {
-        if self.chunk_size == 0 {
+        if self.chunk.chunk_size == 0 {
             return Err(CompressError::Config(
                 "--chunk-size must be at least 1".into(),
             ));
         }
-        if self.window == 0 {
+        if self.chunk.window == 0 {
             return Err(CompressError::Config(
                 "--kv-window must be at least 1".into(),
             ));
@@ -253,25 +260,25 @@ impl CompressArgs {
         }
         let policy: Box<dyn crate::compress::Policy> = match self.method {
             Method::Chunkkv => Box::new(ChunkKv {
-                chunk_size: self.chunk_size,
-                window: self.window,
+                chunk_size: self.chunk.chunk_size,
+                window: self.chunk.window,
                 chunk_score: self.chunk_score,
                 pool: (self.pool > 1).then_some(self.pool),
             }),
-            m => m.policy(self.window, self.chunk_size, self.kv_seed)?,
+            m => m.policy(self.chunk.window, self.chunk.chunk_size, self.kv_seed)?,
         };
         // Layer reuse is ChunkKV's; the baselines score every layer.
         let reuse = if self.method == Method::Chunkkv {
-            self.reuse_layers
+            self.chunk.reuse_layers
         } else {
             1
         };
-        if self.reuse_layers == 0 {
+        if self.chunk.reuse_layers == 0 {
             return Err(CompressError::Config(
                 "--reuse-layers must be at least 1".into(),
             ));
         }
-        Compressor::new(ctx, policy, self.window, reuse).map(Some)
+        Compressor::new(ctx, policy, self.chunk.window, reuse).map(Some)
     }
 }
 
