@@ -277,6 +277,10 @@ pub fn run_prompt(
                     .map_or(n, |s| s.cells_used as usize);
                 resized = Context::new(model, &p.clone().with_n_ctx(ctx_size(kept + cfg.n_gen)))?;
                 resized.state_seq_set(SEQ, &state)?;
+                // Per-layer counts (PyramidKV): the same slots stay masked there.
+                resized
+                    .set_dead_slots(ctx.dead_slots())
+                    .map_err(CompressError::from)?;
                 &mut resized
             } else {
                 &mut ctx

@@ -7,6 +7,7 @@
 //! - [`cli`]: the `chunkkv` command line.
 
 pub mod bench;
+pub mod chat;
 pub mod cli;
 pub mod compare;
 pub mod compress;

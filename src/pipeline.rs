@@ -2,6 +2,7 @@
 //!
 //! Later stages (KV compression after prefill) hook in between the two.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::compress::{Budget, CompressError, CompressionReport, Compressor};
@@ -64,6 +65,8 @@ pub enum StopReason {
     Length,
     /// The context ran out of cells.
     ContextFull,
+    /// The caller asked to stop (Ctrl-C in a chat).
+    Interrupted,
 }
 
 fn rate(n: usize, ms: f64) -> f64 {
@@ -104,6 +107,18 @@ pub fn decode(
     sampler: &mut Sampler,
     next_pos: Pos,
     n_predict: usize,
+    on_text: impl FnMut(&str),
+) -> Result<(Vec<Token>, String, StopReason, f64), PipelineError> {
+    decode_until(ctx, sampler, next_pos, n_predict, &AtomicBool::new(false), on_text)
+}
+
+/// [`decode`] that also stops, between two tokens, once `stop` is set.
+pub fn decode_until(
+    ctx: &mut Context<'_>,
+    sampler: &mut Sampler,
+    next_pos: Pos,
+    n_predict: usize,
+    stop_flag: &AtomicBool,
     mut on_text: impl FnMut(&str),
 ) -> Result<(Vec<Token>, String, StopReason, f64), PipelineError> {
     let model = ctx.model();
@@ -114,6 +129,10 @@ pub fn decode(
     let t = Instant::now();
     let mut stop = StopReason::Length;
     while tokens.len() < n_predict {
+        if stop_flag.load(Ordering::Relaxed) {
+            stop = StopReason::Interrupted;
+            break;
+        }
         let tok = sampler.sample(ctx, -1);
         if model.is_eog(tok) {
             stop = StopReason::EndOfGeneration;

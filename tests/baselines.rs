@@ -93,10 +93,42 @@ fn per_head_methods_choose_per_head_and_chunkkv_does_not() {
 }
 
 #[test]
-fn pyramidkv_is_refused_with_a_clear_error() {
-    let err = Method::Pyramidkv.policy(32, 10, 1).err().expect("refused");
-    assert!(
-        err.to_string().contains("different kept count per layer"),
-        "{err}"
-    );
+fn pyramidkv_keeps_fewer_tokens_in_higher_layers_averaging_to_the_budget() {
+    let n_keep = 150;
+    let (c, mut ctx, n) = compress_with(Method::Pyramidkv, n_keep);
+    let t = c.slot_table();
+    let live = |l: usize, h: usize| {
+        (0..t.n_slots())
+            .filter_map(|i| t.position(l, h, i, &[]))
+            .collect::<Vec<_>>()
+    };
+    let counts: Vec<usize> = (0..30).map(|l| live(l, 0).len()).collect();
+    // 118 selected on average plus the 32-token window: 232 at the bottom, 37 at the top.
+    assert_eq!(counts.iter().sum::<usize>(), 30 * n_keep, "{counts:?}");
+    assert!(counts.windows(2).all(|w| w[0] >= w[1]), "{counts:?}");
+    assert!(counts[0] > 2 * counts[29], "{counts:?}");
+    let stats = ctx.kv_stats(KvPart::Base).unwrap();
+    assert_eq!(stats.cells_used as usize, counts[0], "slots = the widest layer");
+    assert_eq!(t.n_slots(), counts[0]);
+
+    let window: Vec<i32> = (n as i32 - 32..n as i32).collect();
+    for (l, &count) in counts.iter().enumerate() {
+        for h in 0..3 {
+            let pos = live(l, h);
+            assert_eq!(pos.len(), count, "every head of layer {l} keeps as many");
+            assert!(pos.windows(2).all(|w| w[0] < w[1]));
+            assert_eq!(&pos[count - 32..], &window[..], "layer {l} head {h} keeps the window");
+        }
+    }
+    // The short layers' surplus slots are masked in llama.cpp.
+    let dead = ctx.dead_slots().to_vec();
+    assert_eq!(dead.len(), counts.iter().filter(|&&c| c < counts[0]).count());
+    for d in &dead {
+        assert_eq!(d.begin as usize, counts[d.layer as usize]);
+        assert_eq!(d.end as usize, counts[0]);
+    }
+    // Decoding goes on after the window.
+    let next = ctx.model().tokenize(" and", false, false).unwrap();
+    ctx.decode_tokens(&next, n as i32, 0, true).unwrap();
+    assert!(ctx.logits_ith(-1).unwrap().iter().all(|x| x.is_finite()));
 }

@@ -5,8 +5,8 @@ mod common;
 
 use chunkkv::compress::{Budget, ChunkKv, Compressor};
 use chunkkv::llama::{
-    Backend, CacheType, ChatMessage, Context, ContextParams, FlashAttn, KvPart, Model, ModelParams,
-    Sampler, SamplingParams,
+    Backend, CacheType, ChatMessage, Context, ContextParams, DeadSlots, FlashAttn, KvPart, Model,
+    ModelParams, Sampler, SamplingParams,
 };
 use chunkkv::pipeline::{self, Hook};
 use common::{default_model, essays, parse_kv_state};
@@ -330,4 +330,98 @@ fn qwen_retrieves_a_needle_with_chunkkv_at_20_percent() {
         Budget::Ratio(0.2).cells_for(tokens.len())
     );
     assert!(report.attn_width_after < report.attn_width_before);
+}
+
+/// Dead slots masked in every layer must act like cells llama.cpp itself
+/// removed (`seq_rm`): the model no longer sees a fact stated there. Flash
+/// attention on CPU accumulates in f16 and the removed cell is refilled in
+/// a different order, so the comparison is by KL divergence, not bitwise.
+fn assert_dead_slots_act_like_removed_cells(fa: FlashAttn) {
+    let model = default_model();
+    let text = essays(2400);
+    let mut cut = 1200;
+    while !text.is_char_boundary(cut) {
+        cut += 1;
+    }
+    let mut tokens = model.tokenize(&text[..cut], true, false).unwrap();
+    let b = tokens.len() as u32;
+    tokens.extend(model.tokenize(" The secret word is turquoise.", false, false).unwrap());
+    let e = tokens.len() as u32;
+    tokens.extend(model.tokenize(&text[cut..], false, false).unwrap());
+    tokens.extend(model.tokenize(" The secret word is", false, false).unwrap());
+    let (head, last) = tokens.split_at(tokens.len() - 1);
+    let next = |mode: &str| {
+        let mut ctx = ctx_with(model, 1024, fa, CacheType::F16, CacheType::F16);
+        ctx.decode_tokens(head, 0, 0, false).unwrap();
+        match mode {
+            "removed" => assert!(ctx.seq_rm(0, b as i32, e as i32)),
+            "masked" => {
+                let all: Vec<DeadSlots> = ctx
+                    .kv_layers(KvPart::Base)
+                    .into_iter()
+                    .map(|layer| DeadSlots { layer, begin: b, end: e })
+                    .collect();
+                ctx.set_dead_slots(&all).unwrap();
+                assert_eq!(ctx.dead_slots(), &all[..]);
+            }
+            _ => {}
+        }
+        ctx.decode_tokens(last, head.len() as i32, 0, true).unwrap();
+        let logits = ctx.logits_ith(-1).unwrap().to_vec();
+        if mode == "masked" {
+            // Clearing the memory drops the mask with the cells.
+            ctx.memory_clear(true);
+            assert!(ctx.dead_slots().is_empty());
+        }
+        logits
+    };
+    let (full, removed, masked) = (next("full"), next("removed"), next("masked"));
+    let argmax = |l: &[f32]| (0..l.len()).max_by(|&i, &j| l[i].total_cmp(&l[j])).unwrap();
+    assert_eq!(
+        model.detokenize(&[chunkkv::llama::Token(argmax(&full) as i32)], false),
+        " turquoise",
+        "the fact is seen with every cell"
+    );
+    let gone = kl(&removed, &full);
+    let same = kl(&removed, &masked);
+    assert!(gone > 1.0, "{fa:?}: removing the fact changed little ({gone})");
+    assert!(same < 0.02, "{fa:?}: masked differs from removed by KL {same}");
+    assert_eq!(argmax(&masked), argmax(&removed), "{fa:?}");
+}
+
+/// KL(p || q) of the softmax of two logit vectors.
+fn kl(p: &[f32], q: &[f32]) -> f64 {
+    let log_softmax = |l: &[f32]| {
+        let m = l.iter().copied().fold(f32::MIN, f32::max) as f64;
+        let lse = l.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+        l.iter().map(|&x| x as f64 - lse).collect::<Vec<_>>()
+    };
+    let (lp, lq) = (log_softmax(p), log_softmax(q));
+    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum()
+}
+
+#[test]
+fn dead_slots_act_like_removed_cells_flash_attention_off() {
+    assert_dead_slots_act_like_removed_cells(FlashAttn::Off);
+}
+
+#[test]
+fn dead_slots_act_like_removed_cells_flash_attention_on() {
+    assert_dead_slots_act_like_removed_cells(FlashAttn::On);
+}
+
+#[test]
+fn a_bad_dead_slot_range_is_refused() {
+    let model = default_model();
+    let mut ctx = ctx_with(model, 256, FlashAttn::Off, CacheType::F16, CacheType::F16);
+    let bad = |layer, begin, end| DeadSlots { layer, begin, end };
+    for ranges in [
+        vec![bad(99, 0, 4)],
+        vec![bad(0, 8, 4)],
+        vec![bad(0, 0, 4096)],
+        vec![bad(1, 0, 4), bad(1, 4, 8)],
+    ] {
+        assert!(ctx.set_dead_slots(&ranges).is_err(), "{ranges:?}");
+        assert!(ctx.dead_slots().is_empty());
+    }
 }

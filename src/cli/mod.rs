@@ -1,6 +1,7 @@
 //! The `chunkkv` command line: clap derive, llama.cpp's flag names.
 
 mod bench;
+mod chat;
 mod compare;
 mod generate;
 mod info;
@@ -38,6 +39,8 @@ pub enum Command {
     Models(models::ModelsCommand),
     /// Generate text from a prompt.
     Generate(generate::GenerateArgs),
+    /// Chat with a model whose cache stays within a budget (REPL; piped stdin: one turn a line).
+    Chat(chat::ChatArgs),
     /// One prompt under llama.cpp's caches and every method and budget, side by side.
     Compare(compare::CompareArgs),
     /// Decode speed and KV memory: full cache vs ChunkKV vs a fresh context at the budget.
@@ -101,6 +104,7 @@ impl Cli {
             Command::Info(a) => info::run(a),
             Command::Models(c) => models::run(c),
             Command::Generate(a) => generate::run(a),
+            Command::Chat(a) => chat::run(a),
             Command::Bench(a) => bench::run(a),
             Command::Compare(a) => compare::run(a),
             Command::Verify(a) => verify::run(a),
@@ -245,6 +249,25 @@ pub struct CompressArgs {
 impl CompressArgs {
     /// The compressor these flags ask for, or `None` for `--kv-method none`.
     pub fn compressor(&self, ctx: &Context<'_>) -> Result<Option<Compressor>, CompressError> {
+        let Some(policy) = self.policy()? else {
+            return Ok(None);
+        };
+        // Layer reuse is ChunkKV's; the baselines score every layer.
+        let reuse = if self.method == Method::Chunkkv {
+            self.chunk.reuse_layers
+        } else {
+            1
+        };
+        Compressor::new(ctx, policy, self.chunk.window, reuse).map(Some)
+    }
+
+    /// The selection policy these flags ask for, or `None` for `--kv-method none`.
+    pub fn policy(&self) -> Result<Option<Box<dyn crate::compress::Policy>>, CompressError> {
+        if self.chunk.reuse_layers == 0 {
+            return Err(CompressError::Config(
+                "--reuse-layers must be at least 1".into(),
+            ));
+        }
         if self.chunk.chunk_size == 0 {
             return Err(CompressError::Config(
                 "--chunk-size must be at least 1".into(),
@@ -267,18 +290,7 @@ impl CompressArgs {
             }),
             m => m.policy(self.chunk.window, self.chunk.chunk_size, self.kv_seed)?,
         };
-        // Layer reuse is ChunkKV's; the baselines score every layer.
-        let reuse = if self.method == Method::Chunkkv {
-            self.chunk.reuse_layers
-        } else {
-            1
-        };
-        if self.chunk.reuse_layers == 0 {
-            return Err(CompressError::Config(
-                "--reuse-layers must be at least 1".into(),
-            ));
-        }
-        Compressor::new(ctx, policy, self.chunk.window, reuse).map(Some)
+        Ok(Some(policy))
     }
 }
 

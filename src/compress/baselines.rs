@@ -1,7 +1,6 @@
 //! The baselines the paper compares ChunkKV against, through the same hook
-//! and budget semantics: StreamingLLM, H2O (prefill variant), SnapKV and a
-//! seeded random floor. PyramidKV needs different kept counts per layer,
-//! which the compaction (one slot count for every layer) cannot represent.
+//! and budget semantics: StreamingLLM, H2O (prefill variant), SnapKV,
+//! PyramidKV and a seeded random floor.
 
 use super::policy::{LayerCandidates, Policy};
 use crate::llama::ScoreRows;
@@ -113,6 +112,82 @@ impl Policy for SnapKv {
     }
 }
 
+/// PyramidKV: SnapKV's selection with per-layer counts decreasing linearly
+/// from the bottom layer to the top, averaging to the budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PyramidKv {
+    pub snap: SnapKv,
+    /// Ratio of the mean count to the top layer's count (the paper's β = 20).
+    pub beta: f64,
+}
+
+impl Default for PyramidKv {
+    fn default() -> Self {
+        Self {
+            snap: SnapKv::default(),
+            beta: 20.0,
+        }
+    }
+}
+
+/// Per-layer counts of PyramidKV: linear from `max` (bottom) to `min = mean/β`
+/// (top) with `max = 2·mean − min`, so they sum to `n_layers·mean`. Counts are
+/// capped at `cap`; what a cap cuts goes to the layers below it that have room,
+/// so the sum is kept whenever `n_layers·cap` allows.
+pub fn pyramid_counts(n_layers: usize, mean: usize, cap: usize, beta: f64) -> Vec<usize> {
+    if n_layers == 0 {
+        return Vec::new();
+    }
+    let total = (n_layers * mean).min(n_layers * cap);
+    if n_layers == 1 {
+        return vec![total];
+    }
+    let min = mean as f64 / beta;
+    let max = 2.0 * mean as f64 - min;
+    let step = (max - min) / (n_layers - 1) as f64;
+    let mut counts: Vec<usize> = (0..n_layers)
+        .map(|l| ((max - step * l as f64).round() as usize).min(cap))
+        .collect();
+    // Rounding and capping: settle the difference one token at a time,
+    // adding to the lowest layers with room and taking from the highest non-empty ones.
+    let mut sum: usize = counts.iter().sum();
+    let mut l = 0;
+    while sum < total {
+        if counts[l % n_layers] < cap {
+            counts[l % n_layers] += 1;
+            sum += 1;
+        }
+        l += 1;
+    }
+    let mut l = n_layers;
+    while sum > total {
+        l = if l == 0 { n_layers - 1 } else { l - 1 };
+        if counts[l] > 0 {
+            counts[l] -= 1;
+            sum -= 1;
+        }
+    }
+    counts
+}
+
+impl Policy for PyramidKv {
+    fn name(&self) -> &'static str {
+        "pyramidkv"
+    }
+
+    fn score_rows(&self) -> Option<ScoreRows> {
+        self.snap.score_rows()
+    }
+
+    fn layer_counts(&self, n_groups: usize, n_select: usize, n_cand: usize) -> Vec<usize> {
+        pyramid_counts(n_groups, n_select, n_cand, self.beta)
+    }
+
+    fn select(&self, layer: &LayerCandidates, n_select: usize) -> Vec<Vec<usize>> {
+        self.snap.select(layer, n_select)
+    }
+}
+
 /// A seeded random subset (one set for all heads): the floor any method must beat.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RandomKeep {
@@ -196,6 +271,29 @@ mod tests {
         }
         .select(&layer(&[&s]), 8);
         assert_eq!(keep[0], vec![2, 3, 4, 5, 6, 7, 8, 12]);
+    }
+
+    #[test]
+    fn pyramid_counts_decrease_and_average_to_the_budget() {
+        // mean 100, β 20: min 5, max 195, linear over 5 layers.
+        assert_eq!(pyramid_counts(5, 100, 1000, 20.0), vec![195, 148, 100, 53, 4]);
+        let c = pyramid_counts(30, 37, 10_000, 20.0);
+        assert_eq!(c.iter().sum::<usize>(), 30 * 37);
+        assert!(c.windows(2).all(|w| w[0] >= w[1]), "{c:?}");
+        // A cap moves the surplus of the bottom layers up.
+        let c = pyramid_counts(4, 100, 150, 20.0);
+        assert_eq!(c.iter().sum::<usize>(), 400);
+        assert!(c.iter().all(|&n| n <= 150), "{c:?}");
+        // Everything fits: every layer keeps everything.
+        assert_eq!(pyramid_counts(3, 10, 8, 20.0), vec![8, 8, 8]);
+        assert_eq!(pyramid_counts(1, 10, 50, 20.0), vec![10]);
+    }
+
+    #[test]
+    fn pyramidkv_selects_like_snapkv_per_head() {
+        let l = layer(&[&[5., 1., 4., 0., 3., 0., 0., 9.], &[0., 9., 0., 0., 0., 0., 8., 0.]]);
+        let p = PyramidKv::default();
+        assert_eq!(p.select(&l, 3), SnapKv::default().select(&l, 3));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::policy::{HeadCandidates, LayerCandidates, Policy};
 use super::reuse::ReuseGroups;
 use super::slots::SlotTable;
 use crate::llama::{
-    CompactError, Context, DecodeError, KvPart, LayerImportance, Pos, ScoreRows, Token,
+    CompactError, Context, DeadSlots, DecodeError, KvPart, LayerImportance, Pos, ScoreRows, Token,
 };
 use crate::pipeline::SEQ;
 
@@ -54,6 +54,19 @@ pub struct CompressionReport {
     pub attn_width_before: u32,
     pub attn_width_after: u32,
     pub ms: StageMs,
+}
+
+/// Position recorded for a dead slot (a layer's surplus slot, masked out).
+pub(crate) const DEAD: Pos = -1;
+
+/// The kept cells of one compaction, per storage layer and KV head, in slot order.
+struct Selection {
+    /// `src[layer][head][slot]`: the cell moved into the slot.
+    src: Vec<Vec<Vec<i32>>>,
+    /// The position each slot then holds ([`DEAD`] past the layer's live count).
+    kept_pos: Vec<Vec<Vec<Pos>>>,
+    /// Live slots of each storage layer.
+    live: Vec<usize>,
 }
 
 /// Scores, selects and compacts one sequence's attention cache.
@@ -159,6 +172,12 @@ impl Compressor {
         &self.slots
     }
 
+    /// Switches the selection policy for later compressions, keeping the slot
+    /// table and reuse groups of the cache compressed so far.
+    pub fn set_policy(&mut self, policy: Box<dyn Policy>) {
+        self.policy = policy;
+    }
+
     /// Forget the slot table (call after clearing the cache).
     pub fn reset(&mut self) {
         self.slots.clear();
@@ -175,13 +194,45 @@ impl Compressor {
         n_keep: usize,
         budget: serde_json::Value,
     ) -> Result<Prefilled, CompressError> {
+        let short_ok = tokens.len() > self.window;
+        self.prefill_inner(ctx, tokens, start, n_keep, Pos::MAX, short_ok, budget)
+    }
+
+    /// [`Compressor::prefill`] for a cache that must stay within `n_keep`
+    /// cells (a chat): it compresses even when `tokens` are fewer than the
+    /// window (they then form the window), and also keeps every token from
+    /// position `keep_from` on (the latest turn); when those outnumber
+    /// `n_keep`, the most recent of them are kept.
+    pub fn prefill_keeping(
+        &mut self,
+        ctx: &mut Context<'_>,
+        tokens: &[Token],
+        start: Pos,
+        n_keep: usize,
+        keep_from: Pos,
+        budget: serde_json::Value,
+    ) -> Result<Prefilled, CompressError> {
+        self.prefill_inner(ctx, tokens, start, n_keep, keep_from, true, budget)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_inner(
+        &mut self,
+        ctx: &mut Context<'_>,
+        tokens: &[Token],
+        start: Pos,
+        n_keep: usize,
+        keep_from: Pos,
+        may_compress: bool,
+        budget: serde_json::Value,
+    ) -> Result<Prefilled, CompressError> {
         let t_all = Instant::now();
         let before = stats(ctx)?;
         let n = tokens.len();
         let total = before.cells_used as usize + n;
         let w = self.window.min(n);
         let rows = self.policy.score_rows();
-        let compress = n_keep < total && n > self.window;
+        let compress = n_keep < total && n > 0 && may_compress;
 
         let mut ms = StageMs::default();
         let full;
@@ -203,7 +254,8 @@ impl Compressor {
                 ctx.importance_end();
             }
             decoded?;
-            (ms, full) = self.score_and_compact(ctx, tail, start + head.len() as Pos, n_keep)?;
+            (ms, full) =
+                self.score_and_compact(ctx, tail, start + head.len() as Pos, n_keep, keep_from)?;
         }
         self.finish(ctx, t_all, compress, n, budget, full, ms)
     }
@@ -240,7 +292,7 @@ impl Compressor {
                 StageMs::default(),
             );
         }
-        let (ms, full) = self.score_and_compact(ctx, window, start, n_keep)?;
+        let (ms, full) = self.score_and_compact(ctx, window, start, n_keep, Pos::MAX)?;
         self.finish(ctx, t_all, true, window.len(), budget, full, ms)
     }
 
@@ -264,7 +316,8 @@ impl Compressor {
                 method: self.policy.name().to_string(),
                 budget,
                 n_prompt,
-                n_keep: after.cells_used as usize,
+                // Tokens kept per layer on average: dead slots hold none.
+                n_keep: after.cells_used as usize - self.slots.mean_dead().round() as usize,
                 cells_before: full.cells_used,
                 cells_after: after.cells_used,
                 bytes_live_before: full.bytes_live,
@@ -283,6 +336,7 @@ impl Compressor {
         tail: &[Token],
         tail_start: Pos,
         n_keep: usize,
+        keep_from: Pos,
     ) -> Result<(StageMs, crate::llama::KvStats), CompressError> {
         let rows = self.policy.score_rows();
         let w = tail.len();
@@ -317,13 +371,28 @@ impl Compressor {
         let full = stats(ctx)?;
 
         let t_sel = Instant::now();
-        let (src, kept_pos) = self.select(ctx, &importance, tail_start, n_keep)?;
+        let sel = self.select(ctx, &importance, tail_start.min(keep_from), n_keep)?;
         ms.select = t_sel.elapsed().as_secs_f64() * 1e3;
 
         let t_compact = Instant::now();
-        let slot_pos: Vec<Pos> = kept_pos[0][0].clone();
-        ctx.kv_compact(KvPart::Base, SEQ, &src, &slot_pos)?;
-        self.slots.replace(kept_pos);
+        // Slot metadata (one position per slot, for the causal mask) comes
+        // from a layer that fills every slot.
+        let widest = (0..sel.live.len())
+            .max_by_key(|&l| (sel.live[l], std::cmp::Reverse(l)))
+            .unwrap_or(0);
+        let n_slots = sel.live[widest];
+        let slot_pos: Vec<Pos> = sel.kept_pos[widest][0].clone();
+        ctx.kv_compact(KvPart::Base, SEQ, &sel.src, &slot_pos)?;
+        let dead: Vec<DeadSlots> = (0..sel.live.len())
+            .filter(|&l| sel.live[l] < n_slots)
+            .map(|l| DeadSlots {
+                layer: self.layers[l],
+                begin: sel.live[l] as u32,
+                end: n_slots as u32,
+            })
+            .collect();
+        ctx.set_dead_slots(&dead)?;
+        self.slots.replace(sel.kept_pos);
         ms.compact = t_compact.elapsed().as_secs_f64() * 1e3;
         Ok((ms, full))
     }
@@ -336,17 +405,14 @@ impl Compressor {
         flags
     }
 
-    /// Chooses the kept cells of every storage layer and head. Returns the
-    /// source cells `src[layer][head]` and the positions they hold, both in
-    /// slot order.
-    #[allow(clippy::type_complexity)]
+    /// Chooses the kept cells of every storage layer and head.
     fn select(
         &self,
         ctx: &Context<'_>,
         importance: &[LayerImportance],
         window_from: Pos,
         n_keep: usize,
-    ) -> Result<(Vec<Vec<Vec<i32>>>, Vec<Vec<Vec<Pos>>>), CompressError> {
+    ) -> Result<Selection, CompressError> {
         let meta = ctx.kv_cell_positions(KvPart::Base, SEQ);
         let used: Vec<usize> = (0..meta.len()).filter(|&c| meta[c].is_some()).collect();
         // The window is the freshest tokens: the same cells in every layer.
@@ -359,14 +425,28 @@ impl Compressor {
         let window = &window[window.len() - w_keep..];
         let n_select = (n_keep - w_keep).min(candidates.len());
 
+        let groups = self.groups.groups();
+        let cands: Vec<LayerCandidates> = groups
+            .iter()
+            .enumerate()
+            .map(|(g, group)| self.candidates(group[0], &candidates, &meta, importance.get(g)))
+            .collect();
+        // Layers of an earlier per-layer compaction may hold fewer live candidates.
+        let n_cand = cands
+            .iter()
+            .map(|c| c.heads.iter().map(HeadCandidates::len).min().unwrap_or(0))
+            .min()
+            .unwrap_or(0);
+        let counts = self.policy.layer_counts(groups.len(), n_select, n_cand);
+
         let mut src = vec![Vec::new(); self.layers.len()];
-        let mut kept_pos = vec![Vec::new(); self.layers.len()];
-        for (g, group) in self.groups.groups().iter().enumerate() {
+        let mut kept_pos: Vec<Vec<Vec<Pos>>> = vec![Vec::new(); self.layers.len()];
+        let mut live = vec![0; self.layers.len()];
+        for (g, (group, cands)) in groups.iter().zip(&cands).enumerate() {
             let leader = group[0];
-            let cands = self.candidates(leader, &candidates, &meta, importance.get(g));
-            let picks = self.policy.select(&cands, n_select);
+            let picks = self.policy.select(cands, counts[g].min(n_cand));
             for &l in group {
-                let mut layer_src = Vec::with_capacity(self.heads[l]);
+                let mut layer_src: Vec<Vec<i32>> = Vec::with_capacity(self.heads[l]);
                 let mut layer_pos = Vec::with_capacity(self.heads[l]);
                 for h in 0..self.heads[l] {
                     let head = &cands.heads[h.min(cands.heads.len() - 1)];
@@ -386,11 +466,26 @@ impl Compressor {
                     layer_src.push(pairs.iter().map(|&(_, c)| c as i32).collect());
                     layer_pos.push(pairs.iter().map(|&(p, _)| p).collect());
                 }
+                live[l] = layer_src[0].len();
                 src[l] = layer_src;
                 kept_pos[l] = layer_pos;
             }
         }
-        Ok((src, kept_pos))
+        // Every layer gets the same slot count: the short ones pad with a
+        // copy of a kept cell at position -1, masked out of their attention.
+        let n_slots = live.iter().copied().max().unwrap_or(0);
+        for l in 0..self.layers.len() {
+            for (s, p) in src[l].iter_mut().zip(kept_pos[l].iter_mut()) {
+                let fill = s[0];
+                s.resize(n_slots, fill);
+                p.resize(n_slots, DEAD);
+            }
+        }
+        Ok(Selection {
+            src,
+            kept_pos,
+            live,
+        })
     }
 
     /// The leader's candidates per head, in position order, with chunk ids:
@@ -422,12 +517,7 @@ impl Compressor {
             heads.push({
                 let mut items: Vec<(Pos, usize)> = cells
                     .iter()
-                    .map(|&c| {
-                        (
-                            self.slots.position(leader, h, c, meta).unwrap_or(Pos::MAX),
-                            c,
-                        )
-                    })
+                    .filter_map(|&c| self.slots.position(leader, h, c, meta).map(|p| (p, c)))
                     .collect();
                 items.sort_unstable();
                 let mut out = HeadCandidates::default();

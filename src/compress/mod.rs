@@ -30,7 +30,7 @@ pub enum Method {
     H2o,
     /// SnapKV: window attention, max-pooled, top per KV head.
     Snapkv,
-    /// PyramidKV: SnapKV scores with per-layer budgets (not supported yet).
+    /// PyramidKV: SnapKV scores, per-layer budgets decreasing from bottom to top.
     Pyramidkv,
     /// A seeded random subset: the floor.
     Random,
@@ -73,13 +73,10 @@ impl Method {
             Method::H2o => Box::new(baselines::H2o),
             Method::Snapkv => Box::new(baselines::SnapKv { window, kernel: 7 }),
             Method::Random => Box::new(baselines::RandomKeep { seed }),
-            Method::Pyramidkv => {
-                return Err(CompressError::Unsupported(
-                    "pyramidkv needs a different kept count per layer; the compaction keeps one count for every layer, \
-                     so it is not supported yet"
-                        .into(),
-                ))
-            }
+            Method::Pyramidkv => Box::new(baselines::PyramidKv {
+                snap: baselines::SnapKv { window, kernel: 7 },
+                ..baselines::PyramidKv::default()
+            }),
         })
     }
 }

@@ -50,6 +50,13 @@ pub trait Policy: Send + Sync {
         1
     }
 
+    /// How many candidates each of `n_groups` scored layer groups (bottom
+    /// first) selects when the mean is `n_select`; none may exceed `n_cand`.
+    /// Uniform unless the policy budgets layers differently (PyramidKV).
+    fn layer_counts(&self, n_groups: usize, n_select: usize, n_cand: usize) -> Vec<usize> {
+        vec![n_select.min(n_cand); n_groups]
+    }
+
     /// Picks `n_select` candidates of each head; returns, per head, the kept
     /// candidate indices in increasing order. `n_select` never exceeds the
     /// number of candidates.

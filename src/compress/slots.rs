@@ -29,10 +29,25 @@ impl SlotTable {
         meta: &[Option<Pos>],
     ) -> Option<Pos> {
         if cell < self.n_slots() {
-            Some(self.pos[layer][head][cell])
+            let p = self.pos[layer][head][cell];
+            // A dead slot (a layer's surplus after a per-layer compaction) holds nothing.
+            (p >= 0).then_some(p)
         } else {
             meta.get(cell).copied().flatten()
         }
+    }
+
+    /// Dead slots (holding no token) per storage layer, averaged over layers.
+    pub fn mean_dead(&self) -> f64 {
+        if self.pos.is_empty() {
+            return 0.0;
+        }
+        let dead: usize = self
+            .pos
+            .iter()
+            .map(|l| l.first().map_or(0, |h| h.iter().filter(|&&p| p < 0).count()))
+            .sum();
+        dead as f64 / self.pos.len() as f64
     }
 
     /// Whether `cell` is a slot of an earlier compaction.

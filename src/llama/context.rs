@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use super::batch::Batch;
 use super::error::{ContextError, DecodeError, StateError};
-use super::kv::{CompactError, KvPart, KvStats, LayerImportance, ScoreRows};
+use super::kv::{CompactError, DeadSlots, KvPart, KvStats, LayerImportance, ScoreRows};
 use super::model::{Model, Token};
 use crate::sys;
 
@@ -223,6 +223,8 @@ pub struct Context<'m> {
     model: &'m Model,
     n_ctx: u32,
     n_batch: u32,
+    /// The per-layer dead slots llama.cpp currently masks (patch 0004).
+    dead: Vec<DeadSlots>,
 }
 
 // SAFETY: a llama_context may move between threads; it is not shared (no Sync).
@@ -299,6 +301,7 @@ impl<'m> Context<'m> {
             model,
             n_ctx,
             n_batch,
+            dead: Vec::new(),
         })
     }
 
@@ -401,6 +404,7 @@ impl<'m> Context<'m> {
     pub fn memory_clear(&mut self, data: bool) {
         // SAFETY: valid memory.
         unsafe { sys::llama_memory_clear(self.memory(), data) }
+        self.clear_dead_slots();
     }
 
     /// Removes positions `[p0, p1)` of `seq` (negative bounds are open). Returns
@@ -460,6 +464,8 @@ impl<'m> Context<'m> {
     /// (which should be empty). A context with fewer cells works if they suffice.
     pub fn state_seq_set(&mut self, seq: SeqId, data: &[u8]) -> Result<(), StateError> {
         // SAFETY: data is readable for its length.
+        // The restored cells are new: a mask of the old ones would hide the wrong slots.
+        self.clear_dead_slots();
         let n = unsafe {
             sys::llama_state_seq_set_data(self.ptr.as_ptr(), data.as_ptr(), data.len(), seq)
         };
@@ -581,6 +587,8 @@ impl<'m> Context<'m> {
         if src.len() != layers.len() || flat.len() != expected || n_keep == 0 {
             return Err(CompactError::BadArguments);
         }
+        // Compaction rewrites every slot: the old mask no longer applies.
+        self.clear_dead_slots();
         // SAFETY: flat and slot_pos hold exactly the entries llama_kv_compact reads (checked above).
         let rc = unsafe {
             sys::llama_kv_compact(
@@ -600,6 +608,43 @@ impl<'m> Context<'m> {
             -4 => Err(CompactError::SharedCells),
             -5 => Err(CompactError::Compute),
             c => Err(CompactError::Other(c)),
+        }
+    }
+
+    /// Masks `dead` slots out of their layers' attention (patch 0004), for a
+    /// cache compacted to a different kept count per layer. Replaces the
+    /// previous mask; it is cleared by [`Context::memory_clear`],
+    /// [`Context::state_seq_set`] and [`Context::kv_compact`].
+    pub fn set_dead_slots(&mut self, dead: &[DeadSlots]) -> Result<(), CompactError> {
+        if dead.is_empty() {
+            self.clear_dead_slots();
+            return Ok(());
+        }
+        let flat: Vec<i32> = dead
+            .iter()
+            .flat_map(|d| [d.layer as i32, d.begin as i32, d.end as i32])
+            .collect();
+        // SAFETY: flat holds dead.len() triples.
+        let rc = unsafe {
+            sys::llama_kv_layer_mask_set(self.ptr.as_ptr(), flat.as_ptr(), dead.len() as i32)
+        };
+        if rc != 0 {
+            return Err(CompactError::BadMask);
+        }
+        self.dead = dead.to_vec();
+        Ok(())
+    }
+
+    /// The dead slots currently masked.
+    pub fn dead_slots(&self) -> &[DeadSlots] {
+        &self.dead
+    }
+
+    fn clear_dead_slots(&mut self) {
+        if !self.dead.is_empty() {
+            // SAFETY: a null range list with count 0 clears the mask.
+            unsafe { sys::llama_kv_layer_mask_set(self.ptr.as_ptr(), std::ptr::null(), 0) };
+            self.dead.clear();
         }
     }
 }

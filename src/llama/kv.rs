@@ -77,6 +77,8 @@ pub struct LayerImportance {
 /// Failure of an on-device compaction (codes of `llama_kv_compact`).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompactError {
+    #[error("a layer mask range is invalid, or the context has more than one KV stream")]
+    BadMask,
     #[error("invalid compaction arguments (a source cell is empty or out of range, or n_keep is 0 or too large)")]
     BadArguments,
     #[error("the KV stream is shared with another sequence or has a pending shift")]
@@ -91,4 +93,13 @@ pub enum CompactError {
     NoCache,
     #[error("llama_kv_compact returned {0}")]
     Other(i32),
+}
+
+/// Cells `begin..end` masked out of one model layer's attention (patch 0004):
+/// the surplus slots of a layer that keeps fewer tokens than the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadSlots {
+    pub layer: u32,
+    pub begin: u32,
+    pub end: u32,
 }
