@@ -11,7 +11,7 @@
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use crate::compress::{Budget, CompressError, Compressor, Policy};
+use crate::compress::{Budget, CompressError, Compressor, Keep, Policy};
 use crate::llama::{ChatMessage, Context, KvPart, KvStats, Pos, Sampler, Token, TokenizeError};
 use crate::pipeline::{self, PipelineError, StopReason};
 
@@ -391,13 +391,18 @@ impl<'m> ChatSession<'m> {
                         hint: "/clear, raise -c, or turn compression on with /method chunkkv",
                     });
                 }
-                self.ctx.decode_tokens(&tokens[i..], self.next_pos, pipeline::SEQ, true)?;
+                self.ctx
+                    .decode_tokens(&tokens[i..], self.next_pos, pipeline::SEQ, true)?;
                 self.next_pos += rest as Pos;
                 self.prefilled += rest;
                 break;
             };
             // A segment fills the free cells (one stays for the compression's room).
-            let seg = if fits { rest } else { rest.min(free.saturating_sub(1)) };
+            let seg = if fits {
+                rest
+            } else {
+                rest.min(free.saturating_sub(1))
+            };
             if seg == 0 {
                 return Err(ChatError::ContextFull {
                     need: rest + reserve,
@@ -416,19 +421,26 @@ impl<'m> ChatSession<'m> {
             };
             let cap = n_ctx.saturating_sub(room);
             let n_keep = budget.min(cap);
-            // Compressing harder than the budget: keep the new turn whole if it fits.
+            // Within the budget only the new tokens are candidates: history
+            // stays as earlier turns kept it. Compressing harder re-ranks it
+            // all, keeping the new turn whole if it fits.
+            let harder = n_keep < budget;
             let turn_in_cache = (self.next_pos - turn_start) as usize + seg;
-            let keep_from = if n_keep < budget && turn_in_cache < n_keep {
-                turn_start
-            } else {
-                Pos::MAX
+            let keep = Keep {
+                from: if harder && turn_in_cache < n_keep {
+                    turn_start
+                } else {
+                    Pos::MAX
+                },
+                history: !harder,
+                short: true,
             };
-            let done = compressor.prefill_keeping(
+            let done = compressor.prefill_turn(
                 &mut self.ctx,
                 &tokens[i..i + seg],
                 self.next_pos,
                 n_keep.max(1),
-                keep_from,
+                keep,
                 self.budget.json(),
             )?;
             if done.compressed {

@@ -109,7 +109,14 @@ pub fn decode(
     n_predict: usize,
     on_text: impl FnMut(&str),
 ) -> Result<(Vec<Token>, String, StopReason, f64), PipelineError> {
-    decode_until(ctx, sampler, next_pos, n_predict, &AtomicBool::new(false), on_text)
+    decode_until(
+        ctx,
+        sampler,
+        next_pos,
+        n_predict,
+        &AtomicBool::new(false),
+        on_text,
+    )
 }
 
 /// [`decode`] that also stops, between two tokens, once `stop` is set.

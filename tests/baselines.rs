@@ -108,7 +108,10 @@ fn pyramidkv_keeps_fewer_tokens_in_higher_layers_averaging_to_the_budget() {
     assert!(counts.windows(2).all(|w| w[0] >= w[1]), "{counts:?}");
     assert!(counts[0] > 2 * counts[29], "{counts:?}");
     let stats = ctx.kv_stats(KvPart::Base).unwrap();
-    assert_eq!(stats.cells_used as usize, counts[0], "slots = the widest layer");
+    assert_eq!(
+        stats.cells_used as usize, counts[0],
+        "slots = the widest layer"
+    );
     assert_eq!(t.n_slots(), counts[0]);
 
     let window: Vec<i32> = (n as i32 - 32..n as i32).collect();
@@ -117,12 +120,19 @@ fn pyramidkv_keeps_fewer_tokens_in_higher_layers_averaging_to_the_budget() {
             let pos = live(l, h);
             assert_eq!(pos.len(), count, "every head of layer {l} keeps as many");
             assert!(pos.windows(2).all(|w| w[0] < w[1]));
-            assert_eq!(&pos[count - 32..], &window[..], "layer {l} head {h} keeps the window");
+            assert_eq!(
+                &pos[count - 32..],
+                &window[..],
+                "layer {l} head {h} keeps the window"
+            );
         }
     }
     // The short layers' surplus slots are masked in llama.cpp.
     let dead = ctx.dead_slots().to_vec();
-    assert_eq!(dead.len(), counts.iter().filter(|&&c| c < counts[0]).count());
+    assert_eq!(
+        dead.len(),
+        counts.iter().filter(|&&c| c < counts[0]).count()
+    );
     for d in &dead {
         assert_eq!(d.begin as usize, counts[d.layer as usize]);
         assert_eq!(d.end as usize, counts[0]);

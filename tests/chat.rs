@@ -33,7 +33,10 @@ fn text(b: &[u8]) -> String {
 
 /// One line of essay text (newlines would split it into several turns).
 fn one_line(n_chars: usize) -> String {
-    essays(n_chars).split_whitespace().collect::<Vec<_>>().join(" ")
+    essays(n_chars)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `(live cells, cells the full cache would hold)` from `/stats` output.
@@ -76,12 +79,16 @@ fn a_fact_from_a_long_first_turn_is_recalled_in_turn_three() {
     assert!(o.status.success(), "stderr: {}", text(&o.stderr));
     let replies: Vec<&str> = out.split("\n\n").filter(|r| !r.trim().is_empty()).collect();
     assert!(replies.len() >= 4, "three replies and the stats: {out}");
-    assert!(replies[2].contains("7431"), "turn 3 recalls the code: {out}");
+    assert!(
+        replies[2].contains("7431"),
+        "turn 3 recalls the code: {out}"
+    );
     // Compression really ran: the cache holds about a quarter of what went in.
     let stats = parse_stats(&out);
     let (live, full) = stats[0];
-    assert!(full > 1500, "{out}");
-    assert!(live < full / 2, "cache {live} of {full}: {out}");
+    assert!(full > 1200, "{out}");
+    // A quarter of every token, plus the last reply and a short turn's window.
+    assert!(live <= full / 4 + 24 + 32, "cache {live} of {full}: {out}");
 }
 
 #[test]
@@ -144,9 +151,16 @@ fn bad_commands_and_a_missing_file_are_reported_and_the_chat_goes_on() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("unknown command /frobnicate"), "{err}");
     assert!(err.contains("cannot read /no/such/file.txt"), "{err}");
-    assert!(err.contains("/budget 7.5 is out of range"), "{err}");
+    assert!(
+        err.contains("/budget 7.5") && err.contains("out of range"),
+        "{err}"
+    );
     assert!(err.contains("unknown method `magic`"), "{err}");
-    assert_eq!(err.lines().filter(|l| l.starts_with("error: ")).count(), 4, "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error: ")).count(),
+        4,
+        "{err}"
+    );
     assert!(out.contains("method snapkv, budget 50%"), "{out}");
     let replies: Vec<&str> = out.split("\n\n").filter(|r| !r.trim().is_empty()).collect();
     assert_eq!(replies.len(), 3, "two replies and the stats: {out}");

@@ -345,7 +345,11 @@ fn assert_dead_slots_act_like_removed_cells(fa: FlashAttn) {
     }
     let mut tokens = model.tokenize(&text[..cut], true, false).unwrap();
     let b = tokens.len() as u32;
-    tokens.extend(model.tokenize(" The secret word is turquoise.", false, false).unwrap());
+    tokens.extend(
+        model
+            .tokenize(" The secret word is turquoise.", false, false)
+            .unwrap(),
+    );
     let e = tokens.len() as u32;
     tokens.extend(model.tokenize(&text[cut..], false, false).unwrap());
     tokens.extend(model.tokenize(" The secret word is", false, false).unwrap());
@@ -359,7 +363,11 @@ fn assert_dead_slots_act_like_removed_cells(fa: FlashAttn) {
                 let all: Vec<DeadSlots> = ctx
                     .kv_layers(KvPart::Base)
                     .into_iter()
-                    .map(|layer| DeadSlots { layer, begin: b, end: e })
+                    .map(|layer| DeadSlots {
+                        layer,
+                        begin: b,
+                        end: e,
+                    })
                     .collect();
                 ctx.set_dead_slots(&all).unwrap();
                 assert_eq!(ctx.dead_slots(), &all[..]);
@@ -384,8 +392,14 @@ fn assert_dead_slots_act_like_removed_cells(fa: FlashAttn) {
     );
     let gone = kl(&removed, &full);
     let same = kl(&removed, &masked);
-    assert!(gone > 1.0, "{fa:?}: removing the fact changed little ({gone})");
-    assert!(same < 0.02, "{fa:?}: masked differs from removed by KL {same}");
+    assert!(
+        gone > 1.0,
+        "{fa:?}: removing the fact changed little ({gone})"
+    );
+    assert!(
+        same < 0.02,
+        "{fa:?}: masked differs from removed by KL {same}"
+    );
     assert_eq!(argmax(&masked), argmax(&removed), "{fa:?}");
 }
 

@@ -276,7 +276,10 @@ mod tests {
     #[test]
     fn pyramid_counts_decrease_and_average_to_the_budget() {
         // mean 100, β 20: min 5, max 195, linear over 5 layers.
-        assert_eq!(pyramid_counts(5, 100, 1000, 20.0), vec![195, 148, 100, 53, 4]);
+        assert_eq!(
+            pyramid_counts(5, 100, 1000, 20.0),
+            vec![195, 148, 100, 53, 4]
+        );
         let c = pyramid_counts(30, 37, 10_000, 20.0);
         assert_eq!(c.iter().sum::<usize>(), 30 * 37);
         assert!(c.windows(2).all(|w| w[0] >= w[1]), "{c:?}");
@@ -291,7 +294,10 @@ mod tests {
 
     #[test]
     fn pyramidkv_selects_like_snapkv_per_head() {
-        let l = layer(&[&[5., 1., 4., 0., 3., 0., 0., 9.], &[0., 9., 0., 0., 0., 0., 8., 0.]]);
+        let l = layer(&[
+            &[5., 1., 4., 0., 3., 0., 0., 9.],
+            &[0., 9., 0., 0., 0., 0., 8., 0.],
+        ]);
         let p = PyramidKv::default();
         assert_eq!(p.select(&l, 3), SnapKv::default().select(&l, 3));
     }

@@ -56,6 +56,17 @@ pub struct CompressionReport {
     pub ms: StageMs,
 }
 
+/// What a compression keeps whole besides its budget's pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    /// Every fresh token from this position on (the window always).
+    pub from: Pos,
+    /// Every slot of earlier compactions: only newer tokens are candidates.
+    pub history: bool,
+    /// Compress even when the new tokens are no more than the window.
+    pub short: bool,
+}
+
 /// Position recorded for a dead slot (a layer's surplus slot, masked out).
 pub(crate) const DEAD: Pos = -1;
 
@@ -194,36 +205,47 @@ impl Compressor {
         n_keep: usize,
         budget: serde_json::Value,
     ) -> Result<Prefilled, CompressError> {
-        let short_ok = tokens.len() > self.window;
-        self.prefill_inner(ctx, tokens, start, n_keep, Pos::MAX, short_ok, budget)
+        let keep = Keep {
+            from: Pos::MAX,
+            history: false,
+            short: false,
+        };
+        self.prefill_inner(ctx, tokens, start, n_keep, keep, budget)
     }
 
-    /// [`Compressor::prefill`] for a cache that must stay within `n_keep`
-    /// cells (a chat): it compresses even when `tokens` are fewer than the
-    /// window (they then form the window), and also keeps every token from
-    /// position `keep_from` on (the latest turn); when those outnumber
-    /// `n_keep`, the most recent of them are kept.
-    pub fn prefill_keeping(
+    /// [`Compressor::prefill`] for one turn of a conversation whose cache
+    /// must stay within `n_keep` cells. It compresses even when `tokens` are
+    /// fewer than the window (they then form the window); `keep` says what
+    /// else is kept whole.
+    pub fn prefill_turn(
         &mut self,
         ctx: &mut Context<'_>,
         tokens: &[Token],
         start: Pos,
         n_keep: usize,
-        keep_from: Pos,
+        keep: Keep,
         budget: serde_json::Value,
     ) -> Result<Prefilled, CompressError> {
-        self.prefill_inner(ctx, tokens, start, n_keep, keep_from, true, budget)
+        self.prefill_inner(
+            ctx,
+            tokens,
+            start,
+            n_keep,
+            Keep {
+                short: true,
+                ..keep
+            },
+            budget,
+        )
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn prefill_inner(
         &mut self,
         ctx: &mut Context<'_>,
         tokens: &[Token],
         start: Pos,
         n_keep: usize,
-        keep_from: Pos,
-        may_compress: bool,
+        keep: Keep,
         budget: serde_json::Value,
     ) -> Result<Prefilled, CompressError> {
         let t_all = Instant::now();
@@ -232,7 +254,7 @@ impl Compressor {
         let total = before.cells_used as usize + n;
         let w = self.window.min(n);
         let rows = self.policy.score_rows();
-        let compress = n_keep < total && n > 0 && may_compress;
+        let compress = n_keep < total && (n > self.window || (keep.short && n > 0));
 
         let mut ms = StageMs::default();
         let full;
@@ -255,7 +277,7 @@ impl Compressor {
             }
             decoded?;
             (ms, full) =
-                self.score_and_compact(ctx, tail, start + head.len() as Pos, n_keep, keep_from)?;
+                self.score_and_compact(ctx, tail, start + head.len() as Pos, n_keep, keep)?;
         }
         self.finish(ctx, t_all, compress, n, budget, full, ms)
     }
@@ -292,7 +314,12 @@ impl Compressor {
                 StageMs::default(),
             );
         }
-        let (ms, full) = self.score_and_compact(ctx, window, start, n_keep, Pos::MAX)?;
+        let keep = Keep {
+            from: Pos::MAX,
+            history: false,
+            short: false,
+        };
+        let (ms, full) = self.score_and_compact(ctx, window, start, n_keep, keep)?;
         self.finish(ctx, t_all, true, window.len(), budget, full, ms)
     }
 
@@ -336,7 +363,7 @@ impl Compressor {
         tail: &[Token],
         tail_start: Pos,
         n_keep: usize,
-        keep_from: Pos,
+        keep: Keep,
     ) -> Result<(StageMs, crate::llama::KvStats), CompressError> {
         let rows = self.policy.score_rows();
         let w = tail.len();
@@ -371,7 +398,11 @@ impl Compressor {
         let full = stats(ctx)?;
 
         let t_sel = Instant::now();
-        let sel = self.select(ctx, &importance, tail_start.min(keep_from), n_keep)?;
+        let keep = Keep {
+            from: tail_start.min(keep.from),
+            ..keep
+        };
+        let sel = self.select(ctx, &importance, keep, n_keep)?;
         ms.select = t_sel.elapsed().as_secs_f64() * 1e3;
 
         let t_compact = Instant::now();
@@ -410,20 +441,26 @@ impl Compressor {
         &self,
         ctx: &Context<'_>,
         importance: &[LayerImportance],
-        window_from: Pos,
+        keep: Keep,
         n_keep: usize,
     ) -> Result<Selection, CompressError> {
         let meta = ctx.kv_cell_positions(KvPart::Base, SEQ);
         let used: Vec<usize> = (0..meta.len()).filter(|&c| meta[c].is_some()).collect();
         // The window is the freshest tokens: the same cells in every layer.
-        let in_window = |c: usize| !self.slots.is_compacted(c) && meta[c] >= Some(window_from);
+        let in_window = |c: usize| !self.slots.is_compacted(c) && meta[c] >= Some(keep.from);
         let (mut window, candidates): (Vec<usize>, Vec<usize>) =
             used.iter().partition(|&&c| in_window(c));
+        // Kept history: the slots of earlier compactions stay as they are.
+        let (locked, candidates): (Vec<usize>, Vec<usize>) = candidates
+            .iter()
+            .partition(|&&c| keep.history && self.slots.is_compacted(c));
         window.sort_by_key(|&c| meta[c]);
         // A budget smaller than the window keeps its most recent part.
         let w_keep = window.len().min(n_keep);
         let window = &window[window.len() - w_keep..];
-        let n_select = (n_keep - w_keep).min(candidates.len());
+        let n_select = n_keep
+            .saturating_sub(w_keep + locked.len())
+            .min(candidates.len());
 
         let groups = self.groups.groups();
         let cands: Vec<LayerCandidates> = groups
@@ -457,6 +494,12 @@ impl Compressor {
                         let want: Vec<Pos> = pick.iter().map(|&i| head.pos[i]).collect();
                         self.cells_holding(l, leader, h, &want, &candidates, &meta)?
                     };
+                    cells.extend(
+                        locked
+                            .iter()
+                            .copied()
+                            .filter(|&c| self.slots.position(l, h, c, &meta).is_some()),
+                    );
                     cells.extend(window.iter().copied());
                     let mut pairs: Vec<(Pos, usize)> = cells
                         .iter()

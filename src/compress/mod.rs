@@ -12,7 +12,7 @@ pub mod verify;
 
 pub use budget::Budget;
 pub use chunkkv::{ChunkKv, ChunkScore};
-pub use compressor::{CompressError, CompressionReport, Compressor, Prefilled, StageMs};
+pub use compressor::{CompressError, CompressionReport, Compressor, Keep, Prefilled, StageMs};
 pub use policy::{HeadCandidates, LayerCandidates, Policy};
 
 /// `--kv-method`.
@@ -67,8 +67,16 @@ impl Method {
             ));
         }
         Ok(match self {
-            Method::None => return Err(CompressError::Config("method `none` does not compress".into())),
-            Method::Chunkkv => Box::new(ChunkKv { chunk_size, window, ..ChunkKv::default() }),
+            Method::None => {
+                return Err(CompressError::Config(
+                    "method `none` does not compress".into(),
+                ))
+            }
+            Method::Chunkkv => Box::new(ChunkKv {
+                chunk_size,
+                window,
+                ..ChunkKv::default()
+            }),
             Method::Streaming => Box::new(baselines::Streaming::default()),
             Method::H2o => Box::new(baselines::H2o),
             Method::Snapkv => Box::new(baselines::SnapKv { window, kernel: 7 }),

@@ -45,7 +45,10 @@ impl SlotTable {
         let dead: usize = self
             .pos
             .iter()
-            .map(|l| l.first().map_or(0, |h| h.iter().filter(|&&p| p < 0).count()))
+            .map(|l| {
+                l.first()
+                    .map_or(0, |h| h.iter().filter(|&&p| p < 0).count())
+            })
             .sum();
         dead as f64 / self.pos.len() as f64
     }
