@@ -11,6 +11,7 @@ pub mod chat;
 pub mod cli;
 pub mod compare;
 pub mod compress;
+pub mod eval;
 pub mod hardware;
 pub mod llama;
 pub mod models;

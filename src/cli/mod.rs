@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod compare;
+mod eval;
 mod generate;
 mod info;
 mod models;
@@ -43,6 +44,8 @@ pub enum Command {
     Chat(chat::ChatArgs),
     /// One prompt under llama.cpp's caches and every method and budget, side by side.
     Compare(compare::CompareArgs),
+    /// Answer quality under every method and budget: NIAH, passkey, RULER-style, GSM8K, fidelity.
+    Eval(eval::EvalArgs),
     /// Decode speed and KV memory: full cache vs ChunkKV vs a fresh context at the budget.
     Bench(bench::BenchArgs),
     /// Check that compaction moves every kept K/V row exactly on this backend.
@@ -107,6 +110,7 @@ impl Cli {
             Command::Chat(a) => chat::run(a),
             Command::Bench(a) => bench::run(a),
             Command::Compare(a) => compare::run(a),
+            Command::Eval(a) => eval::run(a),
             Command::Verify(a) => verify::run(a),
         }
     }

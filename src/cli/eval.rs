@@ -1,0 +1,191 @@
+//! `chunkkv eval`: tasks × methods × budgets, with tables and plots.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use super::{ChunkArgs, ContextArgs, ModelArgs};
+use crate::compress::{Budget, Method};
+use crate::eval::{self, report, tasks, EvalConfig, SampleResult};
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tasks, comma-separated: niah, passkey, ruler, gsm8k-icl, fidelity.
+    #[arg(
+        long = "tasks",
+        value_delimiter = ',',
+        required_unless_present = "tasks_file",
+        conflicts_with = "tasks_file"
+    )]
+    pub tasks: Vec<String>,
+    /// Your own tasks: JSON lines of {"id", "context", "question", "answers", "match": "contains"|"exact"}.
+    #[arg(long = "tasks-file")]
+    pub tasks_file: Option<PathBuf>,
+    /// Methods, comma-separated (none: the full cache, always run as the reference).
+    #[arg(
+        long = "methods",
+        alias = "kv-method",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "none,chunkkv,snapkv,pyramidkv,h2o,streaming,random"
+    )]
+    pub methods: Vec<Method>,
+    /// Budgets, comma-separated (0.1, 10% or a token count).
+    #[arg(
+        long = "budgets",
+        alias = "kv-budget",
+        value_delimiter = ',',
+        default_value = "0.1,0.2,0.3"
+    )]
+    pub budgets: Vec<Budget>,
+    /// Target context length of generated tasks in tokens [default: 4096, or -c minus the answer room].
+    #[arg(long = "length")]
+    pub length: Option<usize>,
+    /// Samples per task (NIAH: needle depths per length).
+    #[arg(long = "samples", default_value_t = 5)]
+    pub samples: usize,
+    /// Seed of the task generators and of the `random` method.
+    #[arg(long = "seed", default_value_t = 1)]
+    pub seed: u64,
+    /// Data directory (paul-graham-essays/, gsm8k/) [default: $CHUNKKV_DATA, else ../shared/data].
+    #[arg(long = "data", env = "CHUNKKV_DATA")]
+    pub data: Option<PathBuf>,
+    /// Where results.md, results.json and the plots go.
+    #[arg(long = "out-dir", default_value = "chunkkv-eval")]
+    pub out_dir: PathBuf,
+    /// Print {"results": [{"task", "method", "budget", "score", "n"}, ...]} on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub context: ContextArgs,
+    #[command(flatten)]
+    pub chunk: ChunkArgs,
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    if args.budgets.is_empty() {
+        anyhow::bail!("--budgets parsed to no budget: give at least one, e.g. 0.1,0.2");
+    }
+    if args.methods.is_empty() {
+        anyhow::bail!("--methods parsed to no method");
+    }
+    if args.samples == 0 || args.samples > 1000 {
+        anyhow::bail!("--samples {} is not sensible: use 1 to 1000", args.samples);
+    }
+    for t in &args.tasks {
+        if !tasks::TASKS.contains(&t.as_str()) {
+            anyhow::bail!("unknown task `{t}`: {}", tasks::TASKS.join(", "));
+        }
+    }
+    let model = args.model.load()?;
+    let train = model.n_ctx_train() as usize;
+    let length = match (args.length, args.context.ctx_size) {
+        (Some(l), _) => l,
+        (None, 0) => 4096.min(train.saturating_sub(256)),
+        (None, c) => (c as usize).saturating_sub(256),
+    };
+    if length < 128 {
+        anyhow::bail!("--length {length} is too short: use at least 128 tokens");
+    }
+    let tcfg = tasks::TaskConfig {
+        length,
+        samples: args.samples,
+        seed: args.seed,
+        data: args
+            .data
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("../shared/data")),
+    };
+    let mut samples = Vec::new();
+    match &args.tasks_file {
+        Some(f) => samples = tasks::from_file(f)?,
+        None => {
+            for t in &args.tasks {
+                samples.extend(tasks::generate(&model, t, &tcfg)?);
+            }
+        }
+    }
+    let need = eval::needed_ctx(&model, &samples)?;
+    let n_ctx = match args.context.ctx_size {
+        0 => need,
+        c if c >= need => c,
+        c => anyhow::bail!(
+            "-c {c} is too small: the longest sample and its answer need {need} (lower --length or raise -c)"
+        ),
+    };
+    if n_ctx as usize > train {
+        tracing::warn!("context {n_ctx} exceeds the model's training context {train}");
+    }
+    let cfg = EvalConfig {
+        methods: args.methods.clone(),
+        budgets: args.budgets.clone(),
+        window: args.chunk.window,
+        chunk_size: args.chunk.chunk_size,
+        reuse: args.chunk.reuse_layers,
+        seed: args.seed,
+    };
+    let n_configs = cfg.configs().len();
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new((samples.len() * n_configs) as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} runs {msg} [{elapsed_precise} < {eta}]",
+        )
+        .expect("valid template"),
+    );
+    let mut ctx = eval::context(&model, &args.context.params(), n_ctx)?;
+    let mut results: Vec<SampleResult> = Vec::new();
+    for s in &samples {
+        bar.set_message(s.id.clone());
+        let rs = eval::run_sample(&mut ctx, s, &cfg, |_| bar.inc(1))
+            .with_context(|| format!("sample {}", s.id))?;
+        results.extend(rs);
+    }
+    bar.finish_and_clear();
+
+    let aggs = eval::aggregate(&results);
+    let info = report::RunInfo {
+        model: model.path().display().to_string(),
+        machine: crate::hardware::machine_description(),
+        commit: crate::hardware::commit(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        n_ctx,
+    };
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
+    let md = report::markdown(&info, &aggs);
+    std::fs::write(args.out_dir.join("results.md"), &md)?;
+    std::fs::write(
+        args.out_dir.join("results.json"),
+        serde_json::to_string_pretty(&report::json(&info, &aggs, &results))?,
+    )?;
+    let plots = report::plots(&args.out_dir, &aggs, &results)?;
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        let rows: Vec<serde_json::Value> = aggs
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "task": a.task, "method": a.method, "budget": a.budget,
+                    "score": a.score, "n": a.n,
+                })
+            })
+            .collect();
+        writeln!(stdout, "{}", serde_json::json!({ "results": rows }))?;
+    } else {
+        write!(stdout, "{md}")?;
+        eprintln!(
+            "wrote results.md, results.json and {} plots to {}",
+            plots.len(),
+            args.out_dir.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,561 @@
+//! `results.md`, `results.json` and the plots of an evaluation.
+//!
+//! Plots are always written as SVG (text is left to the viewer's fonts) and
+//! also as PNG when a system font is found (Debian's fonts-dejavu-core, which
+//! `.ci/setup` installs, or the usual macOS fonts); no font is committed.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use super::{Aggregate, SampleResult};
+
+/// Where the PNG plots' text font may be.
+const FONTS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+    "/Library/Fonts/Arial.ttf",
+];
+
+/// Header facts of a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunInfo {
+    pub model: String,
+    pub machine: String,
+    pub commit: String,
+    pub command: String,
+    pub n_ctx: u32,
+}
+
+fn budget_label(b: &serde_json::Value, method: &str) -> String {
+    if method == "none" {
+        return "full".into();
+    }
+    match b.as_f64() {
+        Some(x) if x <= 1.0 => format!("{}%", (x * 1000.0).round() / 10.0),
+        Some(x) => format!("{x} tok"),
+        None => b.to_string(),
+    }
+}
+
+/// The markdown table: task × method rows, budget columns, with the gap to the full cache.
+pub fn markdown(info: &RunInfo, aggs: &[Aggregate]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# chunkkv eval\n");
+    let _ = writeln!(
+        md,
+        "- model: `{}`\n- machine: {}\n- commit: `{}`\n- context: {}\n- command: `{}`\n",
+        info.model, info.machine, info.commit, info.n_ctx, info.command
+    );
+    let _ = writeln!(
+        md,
+        "Scores are in [0, 1] (fidelity: top-1 agreement with the full cache, with mean KL \
+         and perplexity); the gap to the full cache is in points of score.\n"
+    );
+    let mut tasks: Vec<&str> = Vec::new();
+    for a in aggs {
+        if !tasks.contains(&a.task.as_str()) {
+            tasks.push(&a.task);
+        }
+    }
+    for task in tasks {
+        let rows: Vec<&Aggregate> = aggs.iter().filter(|a| a.task == task).collect();
+        let full = rows.iter().find(|a| a.method == "none");
+        let mut budgets: Vec<serde_json::Value> = Vec::new();
+        let mut methods: Vec<&str> = Vec::new();
+        for a in rows.iter().filter(|a| a.method != "none") {
+            if !budgets.contains(&a.budget) {
+                budgets.push(a.budget.clone());
+            }
+            if !methods.contains(&a.method) {
+                methods.push(a.method);
+            }
+        }
+        let _ = writeln!(md, "## {task}\n");
+        if let Some(f) = full {
+            let extra = match (f.kl, f.ppl) {
+                (Some(_), Some(p)) => format!(", perplexity {p:.2}"),
+                _ => String::new(),
+            };
+            let _ = writeln!(md, "Full cache: **{:.3}** (n = {}){extra}\n", f.score, f.n);
+        }
+        let _ = write!(md, "| method |");
+        for b in &budgets {
+            let _ = write!(md, " {} |", budget_label(b, "x"));
+        }
+        let _ = writeln!(md);
+        let _ = writeln!(md, "|---|{}", "---|".repeat(budgets.len()));
+        for m in &methods {
+            let _ = write!(md, "| {m} |");
+            for b in &budgets {
+                match rows.iter().find(|a| a.method == *m && a.budget == *b) {
+                    Some(a) => {
+                        let gap = full.map_or(String::new(), |f| {
+                            format!(" ({:+.1})", 100.0 * (a.score - f.score))
+                        });
+                        let kl = a.kl.map_or(String::new(), |k| {
+                            format!(" · KL {k:.4} · ppl {:.2}", a.ppl.unwrap_or(0.0))
+                        });
+                        let _ = write!(md, " {:.3}{gap}{kl} |", a.score);
+                    }
+                    None => {
+                        let _ = write!(md, " – |");
+                    }
+                }
+            }
+            let _ = writeln!(md);
+        }
+        let _ = writeln!(md);
+    }
+    md
+}
+
+/// `results.json`: the header, the aggregates and every sample.
+pub fn json(info: &RunInfo, aggs: &[Aggregate], samples: &[SampleResult]) -> serde_json::Value {
+    serde_json::json!({
+        "header": info,
+        "results": aggs,
+        "samples": samples,
+    })
+}
+
+/// A line chart: x = budget, y = score, one series per method.
+struct Lines {
+    title: String,
+    series: Vec<(String, Vec<(f64, f64)>)>,
+    full: Option<f64>,
+}
+
+/// A heatmap: rows = depths, columns = lengths.
+struct Heat {
+    title: String,
+    lengths: Vec<usize>,
+    depths: Vec<f64>,
+    /// `values[depth][length]`, `None` when missing.
+    values: Vec<Vec<Option<f64>>>,
+}
+
+const COLORS: &[&str] = &[
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+];
+const COLORS_RGB: &[(u8, u8, u8)] = &[
+    (31, 119, 180),
+    (214, 39, 40),
+    (44, 160, 44),
+    (148, 103, 189),
+    (255, 127, 14),
+    (140, 86, 75),
+    (227, 119, 194),
+];
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Red (0) to green (1).
+fn heat_rgb(v: f64) -> (u8, u8, u8) {
+    let v = v.clamp(0.0, 1.0);
+    (
+        (220.0 * (1.0 - v) + 30.0) as u8,
+        (60.0 + 150.0 * v) as u8,
+        70,
+    )
+}
+
+fn lines_svg(p: &Lines) -> String {
+    let (w, h, l, r, t, b) = (640.0, 400.0, 60.0, 150.0, 40.0, 50.0);
+    let xs: Vec<f64> = p
+        .series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|q| q.0))
+        .collect();
+    let (x0, x1) = (
+        xs.iter().copied().fold(f64::INFINITY, f64::min).min(0.0),
+        xs.iter().copied().fold(0.0f64, f64::max).max(1e-9),
+    );
+    let px = |x: f64| l + (x - x0) / (x1 - x0) * (w - l - r);
+    let py = |y: f64| h - b - y.clamp(0.0, 1.0) * (h - t - b);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>\n",
+        (w - r + l) / 2.0,
+        esc(&p.title)
+    );
+    for i in 0..=4 {
+        let y = i as f64 / 4.0;
+        let _ = writeln!(
+            s,
+            "<line x1=\"{l}\" x2=\"{x2}\" y1=\"{yy}\" y2=\"{yy}\" stroke=\"#ddd\"/><text x=\"{tx}\" y=\"{ty}\" text-anchor=\"end\">{y:.2}</text>",
+            x2 = w - r,
+            yy = py(y),
+            tx = l - 6.0,
+            ty = py(y) + 4.0
+        );
+    }
+    let mut ticks: Vec<f64> = xs.clone();
+    ticks.sort_by(f64::total_cmp);
+    ticks.dedup();
+    for x in ticks {
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{x}</text>",
+            px(x),
+            h - b + 18.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">KV budget</text><text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">score</text>",
+        (w - r + l) / 2.0,
+        h - 12.0,
+        (h - b + t) / 2.0,
+        (h - b + t) / 2.0
+    );
+    if let Some(f) = p.full {
+        let _ = writeln!(
+            s,
+            "<line x1=\"{l}\" x2=\"{x2}\" y1=\"{yy}\" y2=\"{yy}\" stroke=\"black\" stroke-dasharray=\"5,4\"/>\
+             <text x=\"{tx}\" y=\"{ty}\">full cache</text>",
+            x2 = w - r,
+            yy = py(f),
+            tx = w - r + 8.0,
+            ty = py(f) + 4.0
+        );
+    }
+    for (i, (name, pts)) in p.series.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let path: Vec<String> = pts
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>",
+            path.join(" ")
+        );
+        for &(x, y) in pts {
+            let _ = writeln!(
+                s,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{c}\"/>",
+                px(x),
+                py(y)
+            );
+        }
+        let ly = t + 20.0 + 18.0 * i as f64;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{}\" y=\"{}\" width=\"12\" height=\"3\" fill=\"{c}\"/><text x=\"{}\" y=\"{}\">{}</text>",
+            w - r + 8.0,
+            ly - 4.0,
+            w - r + 26.0,
+            ly,
+            esc(name)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn heat_svg(p: &Heat) -> String {
+    let (l, t, cw, ch) = (70.0, 40.0, 80.0, 28.0);
+    let w = l + cw * p.lengths.len() as f64 + 20.0;
+    let h = t + ch * p.depths.len() as f64 + 50.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">{}</text>\n",
+        w / 2.0,
+        esc(&p.title)
+    );
+    for (di, d) in p.depths.iter().enumerate() {
+        let y = t + ch * di as f64;
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.0}%</text>",
+            l - 6.0,
+            y + ch / 2.0 + 4.0,
+            d * 100.0
+        );
+        for (li, v) in p.values[di].iter().enumerate() {
+            let x = l + cw * li as f64;
+            let (fill, label) = match v {
+                Some(v) => {
+                    let (r, g, b) = heat_rgb(*v);
+                    (format!("rgb({r},{g},{b})"), format!("{v:.2}"))
+                }
+                None => ("#eee".to_string(), "–".to_string()),
+            };
+            let _ = writeln!(
+                s,
+                "<rect x=\"{x}\" y=\"{y}\" width=\"{cw}\" height=\"{ch}\" fill=\"{fill}\" stroke=\"white\"/>\
+                 <text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"white\">{label}</text>",
+                x + cw / 2.0,
+                y + ch / 2.0 + 4.0
+            );
+        }
+    }
+    let yb = t + ch * p.depths.len() as f64;
+    for (li, len) in p.lengths.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{len}</text>",
+            l + cw * li as f64 + cw / 2.0,
+            yb + 16.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">context length (tokens); rows: needle depth</text>",
+        w / 2.0,
+        yb + 36.0
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Loads the first system font found for PNG text.
+fn register_font() -> bool {
+    use std::sync::OnceLock;
+    static FOUND: OnceLock<bool> = OnceLock::new();
+    *FOUND.get_or_init(|| {
+        for path in FONTS {
+            if let Ok(bytes) = std::fs::read(path) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font(
+                    "sans-serif",
+                    plotters::style::FontStyle::Normal,
+                    bytes,
+                )
+                .is_ok()
+                {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+type PlotResult = Result<(), Box<dyn std::error::Error>>;
+
+fn lines_png(p: &Lines, path: &Path) -> PlotResult {
+    use plotters::prelude::*;
+    let root = BitMapBackend::new(path, (640, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let xs: Vec<f64> = p
+        .series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|q| q.0))
+        .collect();
+    let x1 = xs.iter().copied().fold(0.0f64, f64::max).max(1e-9) * 1.05;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(&p.title, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(36)
+        .y_label_area_size(44)
+        .build_cartesian_2d(0.0..x1, 0.0..1.05)?;
+    chart
+        .configure_mesh()
+        .x_desc("KV budget")
+        .y_desc("score")
+        .draw()?;
+    if let Some(f) = p.full {
+        chart
+            .draw_series(LineSeries::new(
+                vec![(0.0, f), (x1, f)],
+                BLACK.stroke_width(1),
+            ))?
+            .label("full cache")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], BLACK));
+    }
+    for (i, (name, pts)) in p.series.iter().enumerate() {
+        let (r, g, b) = COLORS_RGB[i % COLORS_RGB.len()];
+        let color = RGBColor(r, g, b);
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color));
+        chart.draw_series(
+            pts.iter()
+                .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn heat_png(p: &Heat, path: &Path) -> PlotResult {
+    use plotters::prelude::*;
+    let (cw, ch) = (80u32, 28u32);
+    let w = 90 + cw * p.lengths.len() as u32 + 20;
+    let h = 50 + ch * p.depths.len() as u32 + 50;
+    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let style = ("sans-serif", 13).into_font();
+    root.draw(&Text::new(
+        p.title.clone(),
+        (10, 10),
+        ("sans-serif", 16).into_font(),
+    ))?;
+    for (di, d) in p.depths.iter().enumerate() {
+        let y = 40 + ch as i32 * di as i32;
+        root.draw(&Text::new(
+            format!("{:.0}%", d * 100.0),
+            (30, y + 8),
+            style.clone(),
+        ))?;
+        for (li, v) in p.values[di].iter().enumerate() {
+            let x = 80 + cw as i32 * li as i32;
+            let (fill, label) = match v {
+                Some(v) => {
+                    let (r, g, b) = heat_rgb(*v);
+                    (RGBColor(r, g, b), format!("{v:.2}"))
+                }
+                None => (RGBColor(238, 238, 238), "-".into()),
+            };
+            root.draw(&Rectangle::new(
+                [(x, y), (x + cw as i32 - 2, y + ch as i32 - 2)],
+                fill.filled(),
+            ))?;
+            root.draw(&Text::new(
+                label,
+                (x + 26, y + 8),
+                style.clone().color(&WHITE),
+            ))?;
+        }
+    }
+    let yb = 40 + ch as i32 * p.depths.len() as i32;
+    for (li, len) in p.lengths.iter().enumerate() {
+        root.draw(&Text::new(
+            len.to_string(),
+            (80 + cw as i32 * li as i32 + 24, yb + 6),
+            style.clone(),
+        ))?;
+    }
+    root.draw(&Text::new(
+        "context length (tokens); rows: needle depth".to_string(),
+        (80, yb + 28),
+        style,
+    ))?;
+    root.present()?;
+    Ok(())
+}
+
+/// Writes the plots into `dir`; returns the files written.
+pub fn plots(
+    dir: &Path,
+    aggs: &[Aggregate],
+    samples: &[SampleResult],
+) -> std::io::Result<Vec<PathBuf>> {
+    let png = register_font();
+    let mut written = Vec::new();
+    let mut tasks: Vec<&str> = Vec::new();
+    for a in aggs {
+        if !tasks.contains(&a.task.as_str()) {
+            tasks.push(&a.task);
+        }
+    }
+    for task in tasks {
+        let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        let mut full = None;
+        for a in aggs.iter().filter(|a| a.task == task) {
+            if a.method == "none" {
+                full = Some(a.score);
+                continue;
+            }
+            let x = a.budget.as_f64().unwrap_or(0.0);
+            match series.iter_mut().find(|s| s.0 == a.method) {
+                Some(s) => s.1.push((x, a.score)),
+                None => series.push((a.method.to_string(), vec![(x, a.score)])),
+            }
+        }
+        for s in &mut series {
+            s.1.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        let plot = Lines {
+            title: format!("{task}: score vs KV budget"),
+            series,
+            full,
+        };
+        let base = dir.join(format!("score-vs-budget-{task}"));
+        std::fs::write(base.with_extension("svg"), lines_svg(&plot))?;
+        written.push(base.with_extension("svg"));
+        if png {
+            match lines_png(&plot, &base.with_extension("png")) {
+                Ok(()) => written.push(base.with_extension("png")),
+                Err(e) => tracing::warn!("PNG plot {}: {e}", base.display()),
+            }
+        }
+    }
+
+    // NIAH heatmaps, one per method and budget.
+    let niah: Vec<&SampleResult> = samples.iter().filter(|s| s.cell.is_some()).collect();
+    let mut configs: Vec<(&str, serde_json::Value)> = Vec::new();
+    for s in &niah {
+        if !configs.iter().any(|c| c.0 == s.method && c.1 == s.budget) {
+            configs.push((s.method, s.budget.clone()));
+        }
+    }
+    let mut lengths: Vec<usize> = niah.iter().map(|s| s.cell.unwrap().0).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    let mut depths: Vec<f64> = niah.iter().map(|s| s.cell.unwrap().1).collect();
+    depths.sort_by(f64::total_cmp);
+    depths.dedup();
+    for (method, budget) in configs {
+        let values = depths
+            .iter()
+            .map(|&d| {
+                lengths
+                    .iter()
+                    .map(|&l| {
+                        let v: Vec<f64> = niah
+                            .iter()
+                            .filter(|s| {
+                                s.method == method && s.budget == budget && s.cell == Some((l, d))
+                            })
+                            .map(|s| s.score)
+                            .collect();
+                        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+                    })
+                    .collect()
+            })
+            .collect();
+        let label = budget_label(&budget, method);
+        let plot = Heat {
+            title: format!("NIAH, {method} {label}"),
+            lengths: lengths.clone(),
+            depths: depths.clone(),
+            values,
+        };
+        let slug: String = label
+            .chars()
+            .map(|c| match c {
+                '.' => 'p',
+                c if c.is_ascii_alphanumeric() => c,
+                _ => '_',
+            })
+            .collect();
+        let base = dir.join(format!("niah-{method}-{slug}"));
+        std::fs::write(base.with_extension("svg"), heat_svg(&plot))?;
+        written.push(base.with_extension("svg"));
+        if png {
+            match heat_png(&plot, &base.with_extension("png")) {
+                Ok(()) => written.push(base.with_extension("png")),
+                Err(e) => tracing::warn!("PNG plot {}: {e}", base.display()),
+            }
+        }
+    }
+    Ok(written)
+}

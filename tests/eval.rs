@@ -1,0 +1,234 @@
+//! `chunkkv eval`: generators are deterministic and correct by construction,
+//! and a tiny grid on the default model writes all three outputs.
+
+mod common;
+
+use std::process::Command;
+
+use chunkkv::eval::tasks::{self, TaskConfig};
+use chunkkv::eval::{score, Scoring};
+use common::{bin, data_dir, default_model, model_path};
+
+fn cfg(length: usize, samples: usize, seed: u64) -> TaskConfig {
+    TaskConfig {
+        length,
+        samples,
+        seed,
+        data: data_dir(),
+    }
+}
+
+#[test]
+fn generated_tasks_are_deterministic_and_hold_their_answers() {
+    let model = default_model();
+    for task in tasks::TASKS {
+        let a = tasks::generate(model, task, &cfg(1024, 3, 7)).unwrap();
+        let b = tasks::generate(model, task, &cfg(1024, 3, 7)).unwrap();
+        assert_eq!(a, b, "{task} is deterministic");
+        let c = tasks::generate(model, task, &cfg(1024, 3, 8)).unwrap();
+        assert_ne!(a, c, "{task} depends on the seed");
+        for s in &a {
+            let n = model.tokenize(&s.context, false, false).unwrap().len();
+            assert!(n > 150 && n < 1400, "{}: {n} tokens of context", s.id);
+            match s.scoring {
+                // The context states every answer: a perfect reader scores 1.
+                Scoring::ContainsAll | Scoring::ContainsAny => {
+                    for ans in &s.answers {
+                        assert!(s.context.contains(ans.as_str()), "{}: {ans}", s.id);
+                    }
+                    assert_eq!(
+                        score::score(s.scoring, &s.answers.join(", "), &s.answers),
+                        1.0
+                    );
+                }
+                Scoring::Number if s.task == "passkey" => {
+                    let key = &s.answers[0];
+                    assert_eq!(s.context.matches(key.as_str()).count(), 2, "{}", s.id);
+                }
+                Scoring::Number => {
+                    // GSM8K: the answer is the test row's final number.
+                    assert!(s.answers[0].parse::<f64>().is_ok(), "{:?}", s.answers);
+                    assert!(s.context.matches("####").count() >= 2, "several exemplars");
+                }
+                Scoring::Fidelity => {
+                    assert!(s.continuation.as_ref().is_some_and(|c| c.len() > 100))
+                }
+                Scoring::Exact => unreachable!(),
+            }
+        }
+    }
+}
+
+#[test]
+fn niah_covers_lengths_by_depths_and_variable_chains_resolve() {
+    let model = default_model();
+    let niah = tasks::generate(model, "niah", &cfg(2048, 3, 1)).unwrap();
+    let cells: Vec<(usize, f64)> = niah.iter().map(|s| s.cell.unwrap()).collect();
+    assert_eq!(
+        cells,
+        [512, 1024, 2048]
+            .iter()
+            .flat_map(|&l| [0.0, 0.5, 1.0].map(|d| (l, d)))
+            .collect::<Vec<_>>()
+    );
+    // The needle sits near its depth.
+    let s = &niah[7];
+    assert_eq!(s.cell, Some((2048, 0.5)));
+    let at = s.context.find("Dolores Park").unwrap() as f64 / s.context.len() as f64;
+    assert!((at - 0.5).abs() < 0.1, "{at}");
+
+    let ruler = tasks::generate(model, "ruler", &cfg(1024, 1, 3)).unwrap();
+    let vt = ruler.iter().find(|s| s.task == "ruler-vt").unwrap();
+    // Follow the chain from the value: every assigned name is an answer.
+    let value = vt
+        .question
+        .split_whitespace()
+        .find_map(|w| w.parse::<u32>().ok())
+        .unwrap();
+    let mut names = vec![];
+    let mut cur = format!("= {value}.");
+    while let Some(i) = vt.context.find(&cur) {
+        let name = vt.context[..i]
+            .trim_end()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_string();
+        cur = format!("= VAR {name}.");
+        names.push(name);
+    }
+    assert_eq!(names, vt.answers);
+}
+
+#[test]
+fn a_users_tasks_file_is_read_and_bad_lines_are_named() {
+    let dir = std::env::temp_dir().join(format!("chunkkv-tasks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.jsonl");
+    std::fs::write(
+        &good,
+        "{\"id\": \"a\", \"context\": \"Paris is in France.\", \"question\": \"Where is Paris?\", \"answers\": [\"France\"], \"match\": \"contains\"}\n\n",
+    )
+    .unwrap();
+    let s = tasks::from_file(&good).unwrap();
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].scoring, Scoring::ContainsAny);
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"id\": \"a\", \"context\": \"c\", \"question\": \"q\", \"answers\": [\"x\"], \"match\": \"fuzzy\"}\n").unwrap();
+    let e = tasks::from_file(&bad).unwrap_err().to_string();
+    assert!(e.contains("bad.jsonl:1") && e.contains("fuzzy"), "{e}");
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    assert!(tasks::from_file(&empty)
+        .unwrap_err()
+        .to_string()
+        .contains("holds no task"));
+}
+
+#[test]
+fn a_tiny_eval_writes_markdown_json_and_plots() {
+    let out = std::env::temp_dir().join(format!("chunkkv-eval-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let model = model_path("smollm2-135m");
+    let o = Command::new(bin())
+        .args(["eval", "-m", model.to_str().unwrap(), "-t", "2"])
+        .args([
+            "--tasks",
+            "passkey,niah",
+            "--samples",
+            "1",
+            "--length",
+            "512",
+        ])
+        .args(["--methods", "none,chunkkv,snapkv", "--budgets", "0.3"])
+        .arg("--data")
+        .arg(data_dir())
+        .arg("--out-dir")
+        .arg(&out)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is JSON");
+    let rows = v["results"].as_array().unwrap();
+    // Two tasks × (full cache + two methods at one budget).
+    assert_eq!(rows.len(), 6, "{v}");
+    for r in rows {
+        let s = r["score"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&s), "{r}");
+        assert_eq!(
+            r["budget"].as_f64().unwrap(),
+            if r["method"] == "none" { 1.0 } else { 0.3 }
+        );
+    }
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r["task"] == "niah")
+            .map(|r| r["n"].as_u64().unwrap())
+            .max(),
+        Some(3)
+    );
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(
+        md.contains("## passkey") && md.contains("| chunkkv |"),
+        "{md}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(json["samples"].as_array().unwrap().len(), 3 + 3 * 3);
+    for f in [
+        "score-vs-budget-passkey.svg",
+        "score-vs-budget-niah.svg",
+        "niah-chunkkv-30_.svg",
+    ] {
+        let svg = std::fs::read_to_string(out.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{f}");
+    }
+    // PNGs come with a system font (setup installs DejaVu).
+    if std::path::Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").exists() {
+        let png = std::fs::read(out.join("score-vs-budget-passkey.png")).unwrap();
+        assert_eq!(&png[..4], b"\x89PNG");
+    }
+}
+
+#[test]
+fn eval_refuses_bad_input_clearly() {
+    let model = model_path("smollm2-135m");
+    let run = |extra: &[&str]| {
+        Command::new(bin())
+            .args(["eval", "-m", model.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for (args, code, needle) in [
+        (vec!["--tasks", "jokes"], 1, "unknown task `jokes`"),
+        (
+            vec!["--tasks", "passkey", "--budgets", ","],
+            2,
+            "invalid KV budget",
+        ),
+        (vec!["--tasks", "passkey", "--methods", "magic"], 2, "magic"),
+        (
+            vec!["--tasks", "passkey", "--samples", "0"],
+            1,
+            "--samples 0",
+        ),
+        (
+            vec!["--tasks", "niah", "--data", "/no/such/dir"],
+            1,
+            "--data",
+        ),
+        (
+            vec!["--tasks", "passkey", "-c", "256", "--length", "2000"],
+            1,
+            "too small",
+        ),
+    ] {
+        let o = run(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
