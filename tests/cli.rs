@@ -368,3 +368,25 @@ fn compare_bad_input_is_a_clear_error() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("invalid KV budget"), "{}", stderr(&o));
 }
+
+#[test]
+fn verify_reports_exact_rows_and_dead_slots_like_removed_cells() {
+    let model = model_path("smollm2-135m");
+    let o = run(&[
+        "verify",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "512",
+        "-t",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["rows_compared"].as_u64().unwrap() > 1000, "{v}");
+    assert_eq!(v["mismatches"].as_array().unwrap().len(), 0, "{v}");
+    let d = &v["dead_slots"];
+    assert_eq!(d["ok"], true, "{v}");
+    assert!(d["kl_masked_vs_removed"].as_f64().unwrap() < 0.02, "{v}");
+}

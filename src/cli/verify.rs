@@ -1,10 +1,10 @@
 //! `chunkkv verify`: check on this backend that compaction moves every kept
-//! K/V row byte for byte.
+//! K/V row byte for byte, and that per-layer dead slots act like removed cells.
 
 use clap::Args;
 
 use super::{ContextArgs, ModelArgs};
-use crate::compress::verify::verify_compaction;
+use crate::compress::verify::{verify_compaction, verify_dead_slots};
 use crate::compress::Budget;
 
 #[derive(Debug, Args)]
@@ -35,9 +35,21 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     };
     let params = args.context.params().with_n_ctx(n_ctx);
     let report = verify_compaction(&model, &params, &tokens, args.budget, args.reuse_layers)?;
+    let dead = verify_dead_slots(&model, &params, &tokens)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        v["dead_slots"] = serde_json::to_value(&dead)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        println!(
+            "dead slots {}..{} in every layer vs the same cells removed: KL {:.5} (removing them: KL {:.5}), same top token: {} -> {}",
+            dead.masked.0,
+            dead.masked.1,
+            dead.kl_masked_vs_removed,
+            dead.kl_removed_vs_full,
+            dead.same_argmax,
+            if dead.ok { "ok" } else { "MISMATCH" }
+        );
         println!(
             "compared {} kept (layer, head, slot) rows of K and V: {} storage layers x {} KV heads x {} slots (V {}), attention width {} -> {}",
             report.rows_compared,
@@ -51,6 +63,12 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         for m in &report.mismatches {
             println!("mismatch: {m}");
         }
+    }
+    if !dead.ok {
+        anyhow::bail!(
+            "masked dead slots differ from removed cells (KL {:.5})",
+            dead.kl_masked_vs_removed
+        );
     }
     if report.mismatches.is_empty() {
         if !args.json {

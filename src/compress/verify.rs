@@ -104,3 +104,67 @@ pub fn verify_compaction(
     report.mismatches.truncate(20);
     Ok(report)
 }
+
+/// What [`verify_dead_slots`] measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadSlotReport {
+    /// Cells masked in every layer (and removed in the twin).
+    pub masked: (u32, u32),
+    /// KL(removed ‖ full): how much the masked tokens matter.
+    pub kl_removed_vs_full: f64,
+    /// KL(removed ‖ masked): should be noise.
+    pub kl_masked_vs_removed: f64,
+    pub same_argmax: bool,
+    pub ok: bool,
+}
+
+/// Masks a middle range of cells in every layer (patch 0004) and compares
+/// the next-token distribution with llama.cpp removing those cells.
+pub fn verify_dead_slots(
+    model: &Model,
+    params: &ContextParams,
+    tokens: &[Token],
+) -> Result<DeadSlotReport, VerifyError> {
+    let n = tokens.len();
+    if n < 64 {
+        return Err(VerifyError::TooShort(n));
+    }
+    let (b, e) = ((n / 3) as u32, (n / 2) as u32);
+    let (head, last) = tokens.split_at(n - 1);
+    let next = |mode: u8| -> Result<Vec<f64>, VerifyError> {
+        let mut ctx = Context::new(model, params)?;
+        ctx.decode_tokens(head, 0, SEQ, false)?;
+        if mode == 1 {
+            ctx.seq_rm(SEQ, b as i32, e as i32);
+        } else if mode == 2 {
+            let all: Vec<crate::llama::DeadSlots> = ctx
+                .kv_layers(KvPart::Base)
+                .into_iter()
+                .map(|layer| crate::llama::DeadSlots {
+                    layer,
+                    begin: b,
+                    end: e,
+                })
+                .collect();
+            ctx.set_dead_slots(&all).map_err(CompressError::from)?;
+        }
+        ctx.decode_tokens(last, (n - 1) as i32, SEQ, true)?;
+        let logits = ctx
+            .logits_ith(-1)
+            .ok_or(crate::llama::DecodeError::Fatal(-100))?;
+        Ok(crate::compare::log_softmax(logits))
+    };
+    let (full, removed, masked) = (next(0)?, next(1)?, next(2)?);
+    let kl = crate::compare::kl_divergence;
+    let argmax = |x: &[f64]| (0..x.len()).fold(0, |m, i| if x[i] > x[m] { i } else { m });
+    let gone = kl(&removed, &full);
+    let same = kl(&removed, &masked);
+    let same_argmax = argmax(&removed) == argmax(&masked);
+    Ok(DeadSlotReport {
+        masked: (b, e),
+        kl_removed_vs_full: gone,
+        kl_masked_vs_removed: same,
+        same_argmax,
+        ok: same < 0.02_f64.max(0.1 * gone) && same_argmax,
+    })
+}
