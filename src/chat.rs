@@ -412,7 +412,12 @@ impl<'m> ChatSession<'m> {
                 });
             }
             let total = self.prefilled + seg;
-            let budget = self.budget.cells_for(total).max(1);
+            // The window (the latest tokens, which score the rest) is always kept whole.
+            let budget = self
+                .budget
+                .cells_for(total)
+                .max(seg.min(compressor.window()))
+                .max(1);
             // Room the rest of the text and the reply need after this segment.
             let room = if i + seg == n {
                 reserve

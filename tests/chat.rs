@@ -165,3 +165,25 @@ fn bad_commands_and_a_missing_file_are_reported_and_the_chat_goes_on() {
     let replies: Vec<&str> = out.split("\n\n").filter(|r| !r.trim().is_empty()).collect();
     assert_eq!(replies.len(), 3, "two replies and the stats: {out}");
 }
+
+#[test]
+fn a_document_longer_than_the_context_is_loaded_in_segments() {
+    let model = model_path("smollm2-135m");
+    let doc = std::env::temp_dir().join(format!("chunkkv-doc-{}.txt", std::process::id()));
+    std::fs::write(&doc, essays(7000)).unwrap();
+    let o = chat(
+        &["-m", model.to_str().unwrap(), "-c", "512", "-n", "8"],
+        &format!("/load {}\nWhat is the text about?\n/stats\n", doc.display()),
+    );
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(!text(&o.stderr).contains("error"), "{}", text(&o.stderr));
+    let (live, full) = parse_stats(&out)[0];
+    assert!(
+        full > 1400,
+        "the document is about three contexts long: {out}"
+    );
+    assert!(live <= 512, "{out}");
+    let replies: Vec<&str> = out.split("\n\n").filter(|r| !r.trim().is_empty()).collect();
+    assert_eq!(replies.len(), 2, "a reply and the stats: {out}");
+}

@@ -63,7 +63,8 @@ pub struct Keep {
     pub from: Pos,
     /// Every slot of earlier compactions: only newer tokens are candidates.
     pub history: bool,
-    /// Compress even when the new tokens are no more than the window.
+    /// Compress even when the new tokens are no more than the window, as
+    /// long as the cells not yet compacted (an earlier reply, say) are more.
     pub short: bool,
 }
 
@@ -168,6 +169,11 @@ impl Compressor {
         })
     }
 
+    /// The observation window in tokens.
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
     pub fn policy_name(&self) -> &'static str {
         self.policy.name()
     }
@@ -254,7 +260,9 @@ impl Compressor {
         let total = before.cells_used as usize + n;
         let w = self.window.min(n);
         let rows = self.policy.score_rows();
-        let compress = n_keep < total && (n > self.window || (keep.short && n > 0));
+        let fresh = total.saturating_sub(self.slots.n_slots());
+        let compress =
+            n_keep < total && (n > self.window || (keep.short && n > 0 && fresh > self.window));
 
         let mut ms = StageMs::default();
         let full;
