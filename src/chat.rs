@@ -315,11 +315,11 @@ impl<'m> ChatSession<'m> {
             stop,
             on_text,
         )?;
-        // Every sampled token but the last was decoded into the cache; so is the
-        // last unless the reply ended there (length, context or interrupt).
+        // Every sampled token was decoded into the cache except the last one
+        // of a reply cut by its length or by a full context.
         let in_cache = match why {
-            StopReason::EndOfGeneration => tokens.len(),
-            _ => tokens.len().saturating_sub(1),
+            StopReason::EndOfGeneration | StopReason::Interrupted => tokens.len(),
+            StopReason::Length | StopReason::ContextFull => tokens.len().saturating_sub(1),
         };
         self.next_pos += in_cache as Pos;
         self.prefilled += in_cache;
