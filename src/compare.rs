@@ -219,8 +219,19 @@ pub fn run_prompt(
             p = p.with_flash_attn(FlashAttn::On);
         }
         let mut ctx = Context::new(model, &p)?;
+        // H2O scores with every prompt query: the shared head prefill
+        // collects its scores (and its prefill time includes that scoring).
+        let h2o = rows
+            .iter()
+            .any(|r| r.method == Method::H2o && r.budget.is_some());
         let t = Instant::now();
-        ctx.decode_tokens(head, 0, SEQ, false)?;
+        let head_scores = if h2o {
+            let scorer = Compressor::new(&ctx, Method::H2o.policy(w, cfg.chunk_size, 0)?, w, 1)?;
+            scorer.prefill_head_scored(&mut ctx, head)?
+        } else {
+            ctx.decode_tokens(head, 0, SEQ, false)?;
+            Vec::new()
+        };
         let head_ms = ms_since(t);
         let head_state = ctx.state_seq_get(SEQ)?;
         let mut window_ms = None;
@@ -246,12 +257,21 @@ pub fn run_prompt(
                     };
                     let policy = method.policy(w, cfg.chunk_size, 0)?;
                     if method == Method::H2o {
-                        // H2O scores with every prompt query: its own full prefill.
-                        ctx.memory_clear(true);
                         let mut c = Compressor::new(&ctx, policy, w, reuse)?;
-                        let done = c.prefill(&mut ctx, prompt, 0, n_keep, b.json())?;
-                        let base = head_ms + window_ms.unwrap_or(0.0);
-                        (done.ms, (done.ms - base).max(0.0), done.compressed)
+                        let done = c.compress_window_with(
+                            &mut ctx,
+                            window,
+                            (n - w) as i32,
+                            n_keep,
+                            &head_scores,
+                            b.json(),
+                        )?;
+                        let plain = window_ms.unwrap_or(0.0);
+                        (
+                            head_ms + done.ms,
+                            (done.ms - plain).max(0.0),
+                            done.compressed,
+                        )
                     } else {
                         let mut c = Compressor::new(&ctx, policy, w, reuse)?;
                         let done =

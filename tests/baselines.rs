@@ -142,3 +142,41 @@ fn pyramidkv_keeps_fewer_tokens_in_higher_layers_averaging_to_the_budget() {
     ctx.decode_tokens(&next, n as i32, 0, true).unwrap();
     assert!(ctx.logits_ith(-1).unwrap().iter().all(|x| x.is_finite()));
 }
+
+#[test]
+fn h2o_from_a_shared_scored_head_matches_its_own_prefill() {
+    let model = default_model();
+    let tokens = model.tokenize(&essays(3000), true, false).unwrap();
+    let n = tokens.len();
+    let (head, window) = tokens.split_at(n - 32);
+    let p = ContextParams::default()
+        .with_n_ctx(1024)
+        .with_n_threads(2)
+        .with_flash_attn(FlashAttn::Off);
+    let h2o = || Method::H2o.policy(32, 10, 1).unwrap();
+
+    let mut own = Context::new(model, &p).unwrap();
+    let mut a = Compressor::new(&own, h2o(), 32, 1).unwrap();
+    a.prefill(&mut own, &tokens, 0, 150, Budget::Tokens(150).json())
+        .unwrap();
+
+    // The shared path: a scored head prefill, its state saved and restored
+    // (as compare and eval do for every row), then the window.
+    let mut shared = Context::new(model, &p).unwrap();
+    let mut b = Compressor::new(&shared, h2o(), 32, 1).unwrap();
+    let scores = b.prefill_head_scored(&mut shared, head).unwrap();
+    let state = shared.state_seq_get(0).unwrap();
+    shared.memory_clear(true);
+    shared.state_seq_set(0, &state).unwrap();
+    b.compress_window_with(
+        &mut shared,
+        window,
+        head.len() as i32,
+        150,
+        &scores,
+        Budget::Tokens(150).json(),
+    )
+    .unwrap();
+    assert_eq!(a.slot_table(), b.slot_table());
+    assert_eq!(a.slot_table().n_slots(), 150);
+}

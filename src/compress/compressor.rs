@@ -285,7 +285,7 @@ impl Compressor {
             }
             decoded?;
             (ms, full) =
-                self.score_and_compact(ctx, tail, start + head.len() as Pos, n_keep, keep)?;
+                self.score_and_compact(ctx, tail, start + head.len() as Pos, n_keep, keep, None)?;
         }
         self.finish(ctx, t_all, compress, n, budget, full, ms)
     }
@@ -327,7 +327,63 @@ impl Compressor {
             history: false,
             short: false,
         };
-        let (ms, full) = self.score_and_compact(ctx, window, start, n_keep, keep)?;
+        let (ms, full) = self.score_and_compact(ctx, window, start, n_keep, keep, None)?;
+        self.finish(ctx, t_all, true, window.len(), budget, full, ms)
+    }
+
+    /// Prefills `head` from position 0 while every query scores the leader
+    /// layers (the H2O head share), and returns those scores. A run that
+    /// saves this state can compress later with [`Compressor::compress_window_with`]
+    /// instead of prefilling again.
+    pub fn prefill_head_scored(
+        &self,
+        ctx: &mut Context<'_>,
+        head: &[Token],
+    ) -> Result<Vec<LayerImportance>, CompressError> {
+        let leaders = self.leader_flags(ctx);
+        ctx.importance_begin(&leaders, ScoreRows::All);
+        let decoded = ctx.decode_tokens(head, 0, SEQ, false);
+        ctx.importance_end();
+        decoded?;
+        self.leader_layers()
+            .into_iter()
+            .map(|il| ctx.importance(il).ok_or(CompressError::NoImportance(il)))
+            .collect()
+    }
+
+    /// [`Compressor::compress_window`] for a policy scored by every prompt
+    /// query (H2O) on a restored head: `head` holds the head's scores from
+    /// [`Compressor::prefill_head_scored`] (cells as restored), the window adds its own.
+    pub fn compress_window_with(
+        &mut self,
+        ctx: &mut Context<'_>,
+        window: &[Token],
+        start: Pos,
+        n_keep: usize,
+        head: &[LayerImportance],
+        budget: serde_json::Value,
+    ) -> Result<Prefilled, CompressError> {
+        let t_all = Instant::now();
+        let total = stats(ctx)?.cells_used as usize + window.len();
+        if n_keep >= total {
+            ctx.decode_tokens(window, start, SEQ, true)?;
+            let full = stats(ctx)?;
+            return self.finish(
+                ctx,
+                t_all,
+                false,
+                window.len(),
+                budget,
+                full,
+                StageMs::default(),
+            );
+        }
+        let keep = Keep {
+            from: Pos::MAX,
+            history: false,
+            short: false,
+        };
+        let (ms, full) = self.score_and_compact(ctx, window, start, n_keep, keep, Some(head))?;
         self.finish(ctx, t_all, true, window.len(), budget, full, ms)
     }
 
@@ -372,6 +428,7 @@ impl Compressor {
         tail_start: Pos,
         n_keep: usize,
         keep: Keep,
+        prior: Option<&[LayerImportance]>,
     ) -> Result<(StageMs, crate::llama::KvStats), CompressError> {
         let rows = self.policy.score_rows();
         let w = tail.len();
@@ -385,16 +442,24 @@ impl Compressor {
         }
         let mut ms = StageMs::default();
         let t_imp = Instant::now();
-        if let Some(ScoreRows::Last(_)) = rows {
-            let leaders = self.leader_flags(ctx);
-            ctx.importance_begin(&leaders, ScoreRows::Last(w as u32));
+        match rows {
+            Some(ScoreRows::Last(_)) => {
+                let leaders = self.leader_flags(ctx);
+                ctx.importance_begin(&leaders, ScoreRows::Last(w as u32));
+            }
+            // Every query scores: the head's share comes from `prior`.
+            Some(ScoreRows::All) if prior.is_some() => {
+                let leaders = self.leader_flags(ctx);
+                ctx.importance_begin(&leaders, ScoreRows::All);
+            }
+            _ => {}
         }
         let decoded = ctx.decode_tokens(tail, tail_start, SEQ, true);
         if rows.is_some() {
             ctx.importance_end();
         }
         decoded?;
-        let importance = match rows {
+        let mut importance = match rows {
             Some(_) => self
                 .leader_layers()
                 .into_iter()
@@ -402,6 +467,13 @@ impl Compressor {
                 .collect::<Result<Vec<_>, _>>()?,
             None => Vec::new(),
         };
+        for (imp, prior) in importance.iter_mut().zip(prior.unwrap_or_default()) {
+            for (h, p) in imp.per_head.iter_mut().zip(&prior.per_head) {
+                for (x, y) in h.iter_mut().zip(p) {
+                    *x += y;
+                }
+            }
+        }
         ms.importance = t_imp.elapsed().as_secs_f64() * 1e3;
         let full = stats(ctx)?;
 

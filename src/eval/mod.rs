@@ -3,7 +3,8 @@
 //! Each sample is prefilled once (all but the observation window); every
 //! method and budget restores that state, compresses with the window and
 //! answers greedily, so the grid costs one prefill per sample plus the
-//! answers. H2O scores with every prompt query and so prefills on its own.
+//! answers. H2O's scores from every prompt query are collected during that
+//! prefill when H2O is in the grid.
 
 pub mod report;
 pub mod score;
@@ -181,7 +182,14 @@ pub fn run_sample(
     }
     let (head, window) = tokens.split_at(n - w);
     ctx.memory_clear(true);
-    ctx.decode_tokens(head, 0, SEQ, false)?;
+    // H2O's head scores (every prompt query) come from this one prefill too.
+    let head_scores = if cfg.methods.contains(&Method::H2o) {
+        let scorer = Compressor::new(ctx, Method::H2o.policy(w, cfg.chunk_size, cfg.seed)?, w, 1)?;
+        scorer.prefill_head_scored(ctx, head)?
+    } else {
+        ctx.decode_tokens(head, 0, SEQ, false)?;
+        Vec::new()
+    };
     let head_state = ctx.state_seq_get(SEQ)?;
 
     let mut teacher: Option<Teacher> = None;
@@ -198,10 +206,17 @@ pub fn run_sample(
                 let policy = m.policy(w, cfg.chunk_size, cfg.seed)?;
                 let mut c = Compressor::new(ctx, policy, w, reuse)?;
                 let n_keep = b.cells_for(n).max(1);
+                ctx.state_seq_set(SEQ, &head_state)?;
                 if m == Method::H2o {
-                    c.prefill(ctx, &tokens, 0, n_keep, b.json())?;
+                    c.compress_window_with(
+                        ctx,
+                        window,
+                        (n - w) as i32,
+                        n_keep,
+                        &head_scores,
+                        b.json(),
+                    )?;
                 } else {
-                    ctx.state_seq_set(SEQ, &head_state)?;
                     c.compress_window(ctx, window, (n - w) as i32, n_keep, b.json())?;
                 }
             }
