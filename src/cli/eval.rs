@@ -140,17 +140,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         )
         .expect("valid template"),
     );
-    let mut ctx = eval::context(&model, &args.context.params(), n_ctx)?;
-    let mut results: Vec<SampleResult> = Vec::new();
-    for s in &samples {
-        bar.set_message(s.id.clone());
-        let rs = eval::run_sample(&mut ctx, s, &cfg, |_| bar.inc(1))
-            .with_context(|| format!("sample {}", s.id))?;
-        results.extend(rs);
-    }
-    bar.finish_and_clear();
-
-    let aggs = eval::aggregate(&results);
     let info = report::RunInfo {
         model: model.path().display().to_string(),
         machine: crate::hardware::machine_description(),
@@ -160,12 +149,30 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
-    let md = report::markdown(&info, &aggs);
-    std::fs::write(args.out_dir.join("results.md"), &md)?;
-    std::fs::write(
-        args.out_dir.join("results.json"),
-        serde_json::to_string_pretty(&report::json(&info, &aggs, &results))?,
-    )?;
+    // The tables are rewritten after every sample: a long run stopped early keeps what it measured.
+    let write_tables = |results: &[SampleResult]| -> anyhow::Result<String> {
+        let aggs = eval::aggregate(results);
+        let md = report::markdown(&info, &aggs);
+        std::fs::write(args.out_dir.join("results.md"), &md)?;
+        std::fs::write(
+            args.out_dir.join("results.json"),
+            serde_json::to_string_pretty(&report::json(&info, &aggs, results))?,
+        )?;
+        Ok(md)
+    };
+    let mut ctx = eval::context(&model, &args.context.params(), n_ctx)?;
+    let mut results: Vec<SampleResult> = Vec::new();
+    for s in &samples {
+        bar.set_message(s.id.clone());
+        let rs = eval::run_sample(&mut ctx, s, &cfg, |_| bar.inc(1))
+            .with_context(|| format!("sample {}", s.id))?;
+        results.extend(rs);
+        write_tables(&results)?;
+    }
+    bar.finish_and_clear();
+
+    let aggs = eval::aggregate(&results);
+    let md = write_tables(&results)?;
     let plots = report::plots(&args.out_dir, &aggs, &results)?;
     let mut stdout = std::io::stdout().lock();
     if args.json {
