@@ -307,28 +307,7 @@ impl Compressor {
                 self.policy.name()
             )));
         }
-        let t_all = Instant::now();
-        let total = stats(ctx)?.cells_used as usize + window.len();
-        if n_keep >= total {
-            ctx.decode_tokens(window, start, SEQ, true)?;
-            let full = stats(ctx)?;
-            return self.finish(
-                ctx,
-                t_all,
-                false,
-                window.len(),
-                budget,
-                full,
-                StageMs::default(),
-            );
-        }
-        let keep = Keep {
-            from: Pos::MAX,
-            history: false,
-            short: false,
-        };
-        let (ms, full) = self.score_and_compact(ctx, window, start, n_keep, keep, None)?;
-        self.finish(ctx, t_all, true, window.len(), budget, full, ms)
+        self.window_inner(ctx, window, start, n_keep, None, budget)
     }
 
     /// Prefills `head` from position 0 while every query scores the leader
@@ -363,6 +342,19 @@ impl Compressor {
         head: &[LayerImportance],
         budget: serde_json::Value,
     ) -> Result<Prefilled, CompressError> {
+        self.window_inner(ctx, window, start, n_keep, Some(head), budget)
+    }
+
+    /// The window on top of the cache, then compression unless everything fits.
+    fn window_inner(
+        &mut self,
+        ctx: &mut Context<'_>,
+        window: &[Token],
+        start: Pos,
+        n_keep: usize,
+        prior: Option<&[LayerImportance]>,
+        budget: serde_json::Value,
+    ) -> Result<Prefilled, CompressError> {
         let t_all = Instant::now();
         let total = stats(ctx)?.cells_used as usize + window.len();
         if n_keep >= total {
@@ -383,7 +375,7 @@ impl Compressor {
             history: false,
             short: false,
         };
-        let (ms, full) = self.score_and_compact(ctx, window, start, n_keep, keep, Some(head))?;
+        let (ms, full) = self.score_and_compact(ctx, window, start, n_keep, keep, prior)?;
         self.finish(ctx, t_all, true, window.len(), budget, full, ms)
     }
 
