@@ -14,8 +14,8 @@ use crate::bench::ctx_size;
 use crate::compare::{kl_divergence, log_softmax};
 use crate::compress::{Budget, CompressError, Compressor, Method};
 use crate::llama::{
-    ChatMessage, Context, ContextError, ContextParams, DecodeError, Model, Sampler, SamplingParams,
-    StateError, Token, TokenizeError,
+    Batch, ChatMessage, Context, ContextError, ContextParams, DecodeError, Model, Sampler,
+    SamplingParams, StateError, Token, TokenizeError,
 };
 use crate::pipeline::{self, PipelineError, SEQ};
 pub use score::Scoring;
@@ -132,7 +132,8 @@ struct Teacher {
 }
 
 /// Teacher-forces `cont` after a prefill whose last logits are `first`:
-/// the log-probabilities before each continuation token.
+/// the log-probabilities before each continuation token. One batch with
+/// logits on every row (the continuation is short), not a token at a time.
 fn teacher_force(
     ctx: &mut Context<'_>,
     first: &[f32],
@@ -140,11 +141,23 @@ fn teacher_force(
     cont: &[Token],
 ) -> Result<Vec<Vec<f64>>, EvalError> {
     let mut out = vec![log_softmax(first)];
-    for (i, &t) in cont.iter().enumerate().take(cont.len().saturating_sub(1)) {
-        ctx.decode_tokens(&[t], (at + i) as i32, SEQ, true)?;
-        out.push(log_softmax(
-            ctx.logits_ith(-1).ok_or(DecodeError::Fatal(-100))?,
-        ));
+    let fed = &cont[..cont.len().saturating_sub(1)];
+    if fed.is_empty() {
+        return Ok(out);
+    }
+    let step = ctx.n_batch() as usize;
+    let mut batch = Batch::new(step);
+    for (c, chunk) in fed.chunks(step).enumerate() {
+        batch.clear();
+        for (i, &t) in chunk.iter().enumerate() {
+            batch.push(t, (at + c * step + i) as i32, SEQ, true);
+        }
+        ctx.decode(&batch)?;
+        for i in 0..chunk.len() {
+            out.push(log_softmax(
+                ctx.logits_ith(i as i32).ok_or(DecodeError::Fatal(-100))?,
+            ));
+        }
     }
     Ok(out)
 }
