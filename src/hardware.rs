@@ -17,11 +17,23 @@ pub fn machine_description() -> String {
                 .map(|s| s.trim().to_string())
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    format!(
+    let mut out = format!(
         "{cpu}, {} physical cores, {}",
         physical_cores(),
         std::env::consts::OS
-    )
+    );
+    // Results from an offloaded run must say which accelerator made them.
+    let accelerators: Vec<String> = crate::llama::Backend::init()
+        .devices()
+        .into_iter()
+        .filter(|d| d.kind != crate::llama::DeviceKind::Cpu)
+        .map(|d| format!("{} ({})", d.description, d.name))
+        .collect();
+    if !accelerators.is_empty() {
+        out.push_str("; ");
+        out.push_str(&accelerators.join(", "));
+    }
+    out
 }
 
 /// The git commit of the source tree this binary was run from, if known:

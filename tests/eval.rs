@@ -190,6 +190,27 @@ fn a_tiny_eval_writes_markdown_json_and_plots() {
         let png = std::fs::read(out.join("score-vs-budget-passkey.png")).unwrap();
         assert_eq!(&png[..4], b"\x89PNG");
     }
+    // The head-to-head names the one baseline and tallies every task the full cache can do.
+    assert!(md.contains("## ChunkKV against each baseline"), "{md}");
+    assert!(md.contains("| task | budget | snapkv |"), "{md}");
+
+    // --report rebuilds the same tables and the plots from results.json alone.
+    for f in [
+        "results.md",
+        "score-vs-budget-niah.svg",
+        "niah-chunkkv-30_.svg",
+    ] {
+        std::fs::remove_file(out.join(f)).unwrap();
+    }
+    let o = Command::new(bin())
+        .args(["eval", "--report"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(out.join("results.md")).unwrap(), md);
+    assert!(out.join("score-vs-budget-niah.svg").exists());
+    assert!(out.join("niah-chunkkv-30_.svg").exists());
 }
 
 #[test]
@@ -224,6 +245,12 @@ fn eval_refuses_bad_input_clearly() {
             vec!["--tasks", "passkey", "-c", "256", "--length", "2000"],
             1,
             "too small",
+        ),
+        (vec!["--report", "/no/such/dir"], 1, "cannot read"),
+        (
+            vec!["--report", "/tmp", "--tasks", "niah"],
+            2,
+            "cannot be used with",
         ),
     ] {
         let o = run(&args);

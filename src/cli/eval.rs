@@ -18,7 +18,7 @@ pub struct EvalArgs {
     #[arg(
         long = "tasks",
         value_delimiter = ',',
-        required_unless_present = "tasks_file",
+        required_unless_present_any = ["tasks_file", "report"],
         conflicts_with = "tasks_file"
     )]
     pub tasks: Vec<String>,
@@ -57,6 +57,10 @@ pub struct EvalArgs {
     /// Where results.md, results.json and the plots go.
     #[arg(long = "out-dir", default_value = "chunkkv-eval")]
     pub out_dir: PathBuf,
+    /// Rewrite results.md and the plots of an earlier run from DIR/results.json
+    /// (no model is loaded, nothing is measured).
+    #[arg(long = "report", value_name = "DIR", conflicts_with_all = ["tasks", "tasks_file"])]
+    pub report: Option<PathBuf>,
     /// Print {"results": [{"task", "method", "budget", "score", "n"}, ...]} on stdout.
     #[arg(long)]
     pub json: bool,
@@ -67,6 +71,9 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.report {
+        return rewrite(dir, args.json);
+    }
     if args.budgets.is_empty() {
         anyhow::bail!("--budgets parsed to no budget: give at least one, e.g. 0.1,0.2");
     }
@@ -149,17 +156,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
-    // The tables are rewritten after every sample: a long run stopped early keeps what it measured.
-    let write_tables = |results: &[SampleResult]| -> anyhow::Result<String> {
-        let aggs = eval::aggregate(results);
-        let md = report::markdown(&info, &aggs);
-        std::fs::write(args.out_dir.join("results.md"), &md)?;
-        std::fs::write(
-            args.out_dir.join("results.json"),
-            serde_json::to_string_pretty(&report::json(&info, &aggs, results))?,
-        )?;
-        Ok(md)
-    };
     let mut ctx = eval::context(&model, &args.context.params(), n_ctx)?;
     let mut results: Vec<SampleResult> = Vec::new();
     for s in &samples {
@@ -167,15 +163,55 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         let rs = eval::run_sample(&mut ctx, s, &cfg, |_| bar.inc(1))
             .with_context(|| format!("sample {}", s.id))?;
         results.extend(rs);
-        write_tables(&results)?;
+        // Rewritten after every sample: a long run stopped early keeps what it measured.
+        tables(&args.out_dir, &info, &results)?;
     }
     bar.finish_and_clear();
+    finish(&args.out_dir, &info, &results, args.json)
+}
 
-    let aggs = eval::aggregate(&results);
-    let md = write_tables(&results)?;
-    let plots = report::plots(&args.out_dir, &aggs, &results)?;
+/// `--report DIR`: the tables and plots again, from a run's results.json.
+fn rewrite(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let path = dir.join("results.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    #[derive(serde::Deserialize)]
+    struct Saved {
+        header: report::RunInfo,
+        samples: Vec<SampleResult>,
+    }
+    let saved: Saved = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a chunkkv eval results file", path.display()))?;
+    finish(dir, &saved.header, &saved.samples, json)
+}
+
+/// Writes results.md and results.json; returns the aggregates and the markdown.
+fn tables(
+    dir: &std::path::Path,
+    info: &report::RunInfo,
+    results: &[SampleResult],
+) -> anyhow::Result<(Vec<eval::Aggregate>, String)> {
+    let aggs = eval::aggregate(results);
+    let md = report::markdown(info, &aggs);
+    std::fs::write(dir.join("results.md"), &md)?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&report::json(info, &aggs, results))?,
+    )?;
+    Ok((aggs, md))
+}
+
+/// Writes results.md, results.json and the plots, then prints the table (or the JSON summary).
+fn finish(
+    dir: &std::path::Path,
+    info: &report::RunInfo,
+    results: &[SampleResult],
+    json: bool,
+) -> anyhow::Result<()> {
+    let (aggs, md) = tables(dir, info, results)?;
+    let plots = report::plots(dir, &aggs, results)?;
     let mut stdout = std::io::stdout().lock();
-    if args.json {
+    if json {
         let rows: Vec<serde_json::Value> = aggs
             .iter()
             .map(|a| {
@@ -191,7 +227,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         eprintln!(
             "wrote results.md, results.json and {} plots to {}",
             plots.len(),
-            args.out_dir.display()
+            dir.display()
         );
     }
     Ok(())

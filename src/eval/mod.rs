@@ -75,11 +75,11 @@ impl EvalConfig {
 }
 
 /// One sample under one configuration.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SampleResult {
     pub task: String,
     pub id: String,
-    pub method: &'static str,
+    pub method: String,
     /// The budget as given (`none`: 1.0).
     pub budget: serde_json::Value,
     pub score: f64,
@@ -237,7 +237,7 @@ pub fn run_sample(
         let mut r = SampleResult {
             task: sample.task.clone(),
             id: sample.id.clone(),
-            method: method.name(),
+            method: method.name().to_string(),
             budget: budget.map_or(serde_json::json!(1.0), Budget::json),
             score: 0.0,
             output: String::new(),
@@ -298,7 +298,7 @@ pub fn context<'m>(
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Aggregate {
     pub task: String,
-    pub method: &'static str,
+    pub method: String,
     pub budget: serde_json::Value,
     pub score: f64,
     pub n: usize,
@@ -320,7 +320,7 @@ pub fn aggregate(results: &[SampleResult]) -> Vec<Aggregate> {
             None => {
                 out.push(Aggregate {
                     task: r.task.clone(),
-                    method: r.method,
+                    method: r.method.clone(),
                     budget: r.budget.clone(),
                     score: 0.0,
                     n: 0,

@@ -20,7 +20,7 @@ const FONTS: &[&str] = &[
 ];
 
 /// Header facts of a run.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RunInfo {
     pub model: String,
     pub machine: String,
@@ -69,8 +69,8 @@ pub fn markdown(info: &RunInfo, aggs: &[Aggregate]) -> String {
             if !budgets.contains(&a.budget) {
                 budgets.push(a.budget.clone());
             }
-            if !methods.contains(&a.method) {
-                methods.push(a.method);
+            if !methods.contains(&a.method.as_str()) {
+                methods.push(&a.method);
             }
         }
         let _ = writeln!(md, "## {task}\n");
@@ -108,6 +108,123 @@ pub fn markdown(info: &RunInfo, aggs: &[Aggregate]) -> String {
             let _ = writeln!(md);
         }
         let _ = writeln!(md);
+    }
+    md.push_str(&versus(aggs));
+    md
+}
+
+/// Below this full-cache score a task is left out of the head-to-head: the
+/// model cannot do it, so there is nothing for compression to keep.
+const CAPABLE: f64 = 0.2;
+/// Fidelity's KL counts as a win or loss beyond this relative difference.
+const KL_TIE: f64 = 0.05;
+
+/// How ChunkKV fares against one baseline at one task and budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Verdict {
+    Win,
+    Tie,
+    Loss,
+}
+
+/// Score tasks: a gap counts when it is more than one sample's worth (1/n).
+/// Fidelity: mean KL from the full cache, lower is better, ±5% is a tie.
+pub fn verdict(chunkkv: &Aggregate, other: &Aggregate) -> Verdict {
+    let (better, worse) = match (chunkkv.kl, other.kl) {
+        (Some(a), Some(b)) => (a < b * (1.0 - KL_TIE), a > b * (1.0 + KL_TIE)),
+        _ => {
+            let step = 1.0 / chunkkv.n.min(other.n).max(1) as f64 + 1e-9;
+            let d = chunkkv.score - other.score;
+            (d > step, d < -step)
+        }
+    };
+    match (better, worse) {
+        (true, _) => Verdict::Win,
+        (_, true) => Verdict::Loss,
+        _ => Verdict::Tie,
+    }
+}
+
+/// The head-to-head section: ChunkKV against every other compressing method,
+/// per task and budget, and the tally.
+fn versus(aggs: &[Aggregate]) -> String {
+    let mut md = String::new();
+    let ours: Vec<&Aggregate> = aggs.iter().filter(|a| a.method == "chunkkv").collect();
+    let mut rivals: Vec<&str> = Vec::new();
+    for a in aggs {
+        if !matches!(a.method.as_str(), "none" | "chunkkv") && !rivals.contains(&a.method.as_str())
+        {
+            rivals.push(&a.method);
+        }
+    }
+    if ours.is_empty() || rivals.is_empty() {
+        return md;
+    }
+    let _ = writeln!(
+        md,
+        "## ChunkKV against each baseline
+"
+    );
+    let _ = writeln!(
+        md,
+        "Each cell: ChunkKV's score minus the baseline's, in points, and the verdict. A gap \
+         counts as a win or loss when it is more than one sample's worth (100/n points); \
+         fidelity compares the mean KL from the full cache instead (lower is better, within \
+         {:.0}% is a tie). Tasks whose full-cache score is below {CAPABLE} are left out: the \
+         model cannot do them.\n",
+        KL_TIE * 100.0
+    );
+    let full = |task: &str| {
+        aggs.iter()
+            .find(|a| a.task == task && a.method == "none")
+            .map(|a| a.score)
+    };
+    let mut tally: Vec<[usize; 3]> = vec![[0; 3]; rivals.len()];
+    let mut skipped: Vec<&str> = Vec::new();
+    let _ = writeln!(md, "| task | budget | {} |", rivals.join(" | "));
+    let _ = writeln!(md, "|---|---|{}", "---|".repeat(rivals.len()));
+    for c in &ours {
+        if full(&c.task).is_some_and(|f| f < CAPABLE) {
+            if !skipped.contains(&c.task.as_str()) {
+                skipped.push(&c.task);
+            }
+            continue;
+        }
+        let _ = write!(md, "| {} | {} |", c.task, budget_label(&c.budget, "x"));
+        for (i, r) in rivals.iter().enumerate() {
+            let Some(o) = aggs
+                .iter()
+                .find(|a| a.task == c.task && a.method == *r && a.budget == c.budget)
+            else {
+                let _ = write!(md, " – |");
+                continue;
+            };
+            let v = verdict(c, o);
+            tally[i][v as usize] += 1;
+            let word = match v {
+                Verdict::Win => "**win**",
+                Verdict::Tie => "tie",
+                Verdict::Loss => "**loss**",
+            };
+            let gap = match (c.kl, o.kl) {
+                (Some(a), Some(b)) if b > 0.0 => format!("KL {:+.0}%", 100.0 * (a / b - 1.0)),
+                _ => format!("{:+.1}", 100.0 * (c.score - o.score)),
+            };
+            let _ = write!(md, " {word} {gap} |");
+        }
+        let _ = writeln!(md);
+    }
+    let _ = write!(md, "| **wins / ties / losses** | |");
+    for t in &tally {
+        let _ = write!(md, " {} / {} / {} |", t[0], t[1], t[2]);
+    }
+    let _ = writeln!(md, "\n");
+    if !skipped.is_empty() {
+        let _ = writeln!(
+            md,
+            "Left out (full cache below {CAPABLE}): {}.\n",
+            skipped.join(", ")
+        );
     }
     md
 }
@@ -504,7 +621,7 @@ pub fn plots(
     let mut configs: Vec<(&str, serde_json::Value)> = Vec::new();
     for s in &niah {
         if !configs.iter().any(|c| c.0 == s.method && c.1 == s.budget) {
-            configs.push((s.method, s.budget.clone()));
+            configs.push((&s.method, s.budget.clone()));
         }
     }
     let mut lengths: Vec<usize> = niah.iter().map(|s| s.cell.unwrap().0).collect();
@@ -558,4 +675,81 @@ pub fn plots(
         }
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agg(task: &str, method: &str, budget: f64, score: f64, n: usize) -> Aggregate {
+        Aggregate {
+            task: task.into(),
+            method: method.into(),
+            budget: serde_json::json!(budget),
+            score,
+            n,
+            kl: None,
+            ppl: None,
+        }
+    }
+
+    #[test]
+    fn a_gap_counts_only_beyond_one_sample_or_five_percent_kl() {
+        let ours = agg("niah", "chunkkv", 0.1, 0.5, 10);
+        for (theirs, want) in [
+            (0.4, Verdict::Tie),
+            (0.6, Verdict::Tie),
+            (0.3, Verdict::Win),
+            (0.7, Verdict::Loss),
+        ] {
+            assert_eq!(
+                verdict(&ours, &agg("niah", "snapkv", 0.1, theirs, 10)),
+                want
+            );
+        }
+        let kl = |method: &str, k: f64| Aggregate {
+            kl: Some(k),
+            ..agg("fidelity", method, 0.1, 0.8, 4)
+        };
+        assert_eq!(
+            verdict(&kl("chunkkv", 0.10), &kl("snapkv", 0.12)),
+            Verdict::Win
+        );
+        assert_eq!(
+            verdict(&kl("chunkkv", 0.10), &kl("snapkv", 0.103)),
+            Verdict::Tie
+        );
+        assert_eq!(
+            verdict(&kl("chunkkv", 0.10), &kl("snapkv", 0.09)),
+            Verdict::Loss
+        );
+    }
+
+    #[test]
+    fn the_head_to_head_tallies_and_leaves_out_what_the_model_cannot_do() {
+        let aggs = vec![
+            agg("niah", "none", 1.0, 0.9, 10),
+            agg("niah", "chunkkv", 0.1, 0.8, 10),
+            agg("niah", "snapkv", 0.1, 0.5, 10),
+            agg("niah", "h2o", 0.1, 0.8, 10),
+            agg("gsm8k-icl", "none", 1.0, 0.1, 10),
+            agg("gsm8k-icl", "chunkkv", 0.1, 0.0, 10),
+            agg("gsm8k-icl", "snapkv", 0.1, 0.1, 10),
+            agg("gsm8k-icl", "h2o", 0.1, 0.1, 10),
+        ];
+        let md = versus(&aggs);
+        assert!(md.contains("| task | budget | snapkv | h2o |"), "{md}");
+        assert!(
+            md.contains("| niah | 10% | **win** +30.0 | tie +0.0 |"),
+            "{md}"
+        );
+        assert!(md.contains("| 1 / 0 / 0 | 0 / 1 / 0 |"), "{md}");
+        assert!(!md.contains("| gsm8k-icl |"), "{md}");
+        assert!(
+            md.contains("Left out (full cache below 0.2): gsm8k-icl."),
+            "{md}"
+        );
+        // Without a rival there is nothing to compare.
+        assert!(versus(&aggs[..2]).is_empty());
+    }
 }
