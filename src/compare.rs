@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use crate::bench::{ctx_size, mean_std, ms_since};
-use crate::compress::{Budget, CompressError, Compressor, Method};
+use crate::compress::{Budget, ChunkKv, CompressError, Compressor, Method};
 use crate::llama::{
     CacheType, Context, ContextError, ContextParams, DecodeError, FlashAttn, KvPart, Model,
     StateError, Token,
@@ -74,8 +74,8 @@ pub struct CompareConfig {
     pub rows: Vec<RowSpec>,
     pub n_gen: usize,
     pub reps: usize,
-    pub window: usize,
-    pub chunk_size: usize,
+    /// ChunkKV's shape; the baselines take its window.
+    pub chunk: ChunkKv,
     pub reuse: usize,
 }
 
@@ -188,7 +188,7 @@ pub fn run_prompt(
     mut on_row: impl FnMut(&CompareRow),
 ) -> Result<Vec<CompareRow>, CompareError> {
     let n = prompt.len();
-    let w = cfg.window;
+    let w = cfg.chunk.window;
     if n <= w + 1 {
         return Err(CompareError::Config(format!(
             "the prompt ({n} tokens) must be longer than the window ({w})"
@@ -226,7 +226,7 @@ pub fn run_prompt(
             .any(|r| r.method == Method::H2o && r.budget.is_some());
         let t = Instant::now();
         let head_scores = if h2o {
-            let scorer = Compressor::new(&ctx, Method::H2o.policy(w, cfg.chunk_size, 0)?, w, 1)?;
+            let scorer = Compressor::new(&ctx, Method::H2o.policy(&cfg.chunk, 0)?, w, 1)?;
             scorer.prefill_head_scored(&mut ctx, head)?
         } else {
             ctx.decode_tokens(head, 0, SEQ, false)?;
@@ -255,7 +255,7 @@ pub fn run_prompt(
                     } else {
                         1
                     };
-                    let policy = method.policy(w, cfg.chunk_size, 0)?;
+                    let policy = method.policy(&cfg.chunk, 0)?;
                     if method == Method::H2o {
                         let mut c = Compressor::new(&ctx, policy, w, reuse)?;
                         let done = c.compress_window_with(

@@ -4,7 +4,7 @@
 
 mod common;
 
-use chunkkv::compress::{Budget, Compressor, Method};
+use chunkkv::compress::{Budget, ChunkKv, Compressor, Method};
 use chunkkv::llama::{CacheType, Context, ContextParams, FlashAttn, KvPart};
 use common::{default_model, essays};
 
@@ -18,7 +18,7 @@ fn compress_with(method: Method, n_keep: usize) -> (Compressor, Context<'static>
         .with_type_k(CacheType::F16)
         .with_type_v(CacheType::F16);
     let mut ctx = Context::new(model, &p).unwrap();
-    let policy = method.policy(32, 10, 7).unwrap();
+    let policy = method.policy(&ChunkKv::default(), 7).unwrap();
     let reuse = if method == Method::Chunkkv { 2 } else { 1 };
     let mut c = Compressor::new(&ctx, policy, 32, reuse).unwrap();
     let done = c
@@ -153,7 +153,7 @@ fn h2o_from_a_shared_scored_head_matches_its_own_prefill() {
         .with_n_ctx(1024)
         .with_n_threads(2)
         .with_flash_attn(FlashAttn::Off);
-    let h2o = || Method::H2o.policy(32, 10, 1).unwrap();
+    let h2o = || Method::H2o.policy(&ChunkKv::default(), 1).unwrap();
 
     let mut own = Context::new(model, &p).unwrap();
     let mut a = Compressor::new(&own, h2o(), 32, 1).unwrap();

@@ -5,7 +5,7 @@ use clap::{Args, ValueEnum};
 
 use super::{ChunkArgs, ContextArgs, ModelArgs};
 use crate::bench::{self, BenchConfig, BenchRow};
-use crate::compress::{Budget, ChunkKv, ChunkScore};
+use crate::compress::Budget;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -67,12 +67,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         n_gen: args.n_gen,
         budgets: args.budgets.clone(),
         reps: args.reps,
-        chunkkv: ChunkKv {
-            chunk_size: args.chunk.chunk_size,
-            window: args.chunk.window,
-            chunk_score: ChunkScore::Sum,
-            pool: None,
-        },
+        chunkkv: args.chunk.shape()?,
         reuse: args.chunk.reuse_layers,
     };
     let params = args.context.params();

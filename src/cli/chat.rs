@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 
 use super::{ChunkArgs, CompressArgs, ContextArgs, ModelArgs, SamplingArgs};
 use crate::chat::{ChatSession, ChatStats, FeedProgress};
-use crate::compress::{Budget, ChunkScore, Method};
+use crate::compress::{Budget, Method};
 use crate::llama::{Context, Sampler};
 use crate::pipeline::StopReason;
 
@@ -62,8 +62,6 @@ impl ChatArgs {
             method,
             budget: self.budget.unwrap_or(Budget::Ratio(0.25)),
             chunk: self.chunk.clone(),
-            chunk_score: ChunkScore::Sum,
-            pool: 0,
             kv_seed: 1,
         }
     }

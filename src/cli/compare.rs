@@ -138,8 +138,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         rows: rows(&args),
         n_gen: args.n_gen,
         reps: args.reps,
-        window: args.chunk.window,
-        chunk_size: args.chunk.chunk_size,
+        chunk: args.chunk.shape()?,
         reuse: args.chunk.reuse_layers,
     };
     let params = args.context.params();

@@ -130,8 +130,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let cfg = EvalConfig {
         methods: args.methods.clone(),
         budgets: args.budgets.clone(),
-        window: args.chunk.window,
-        chunk_size: args.chunk.chunk_size,
+        chunk: args.chunk.shape()?,
         reuse: args.chunk.reuse_layers,
         seed: args.seed,
     };

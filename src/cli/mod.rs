@@ -226,6 +226,39 @@ pub struct ChunkArgs {
     /// Layers per reuse group sharing one kept set (1: no reuse).
     #[arg(long = "reuse-layers", default_value_t = 2)]
     pub reuse_layers: usize,
+    /// How a chunk's score is formed from its tokens' scores.
+    #[arg(long = "chunk-score", value_enum, default_value = "sum")]
+    pub chunk_score: ChunkScore,
+    /// Average-pool token scores with this kernel before chunking (0: off).
+    #[arg(long = "kv-pool", default_value_t = 0)]
+    pub pool: usize,
+}
+
+impl ChunkArgs {
+    /// ChunkKV's shape from these flags, refused when a size is 0.
+    pub fn shape(&self) -> Result<ChunkKv, CompressError> {
+        if self.reuse_layers == 0 {
+            return Err(CompressError::Config(
+                "--reuse-layers must be at least 1".into(),
+            ));
+        }
+        if self.chunk_size == 0 {
+            return Err(CompressError::Config(
+                "--chunk-size must be at least 1".into(),
+            ));
+        }
+        if self.window == 0 {
+            return Err(CompressError::Config(
+                "--kv-window must be at least 1".into(),
+            ));
+        }
+        Ok(ChunkKv {
+            chunk_size: self.chunk_size,
+            window: self.window,
+            chunk_score: self.chunk_score,
+            pool: (self.pool > 1).then_some(self.pool),
+        })
+    }
 }
 
 /// KV-cache compression after prefill.
@@ -239,12 +272,6 @@ pub struct CompressArgs {
     pub budget: Budget,
     #[command(flatten)]
     pub chunk: ChunkArgs,
-    /// How a chunk's score is formed from its tokens' scores.
-    #[arg(long = "chunk-score", value_enum, default_value = "sum")]
-    pub chunk_score: ChunkScore,
-    /// Average-pool token scores with this kernel before chunking (0: off).
-    #[arg(long = "kv-pool", default_value_t = 0)]
-    pub pool: usize,
     /// Seed of the `random` method.
     #[arg(long = "kv-seed", default_value_t = 1)]
     pub kv_seed: u64,
@@ -267,34 +294,11 @@ impl CompressArgs {
 
     /// The selection policy these flags ask for, or `None` for `--kv-method none`.
     pub fn policy(&self) -> Result<Option<Box<dyn crate::compress::Policy>>, CompressError> {
-        if self.chunk.reuse_layers == 0 {
-            return Err(CompressError::Config(
-                "--reuse-layers must be at least 1".into(),
-            ));
-        }
-        if self.chunk.chunk_size == 0 {
-            return Err(CompressError::Config(
-                "--chunk-size must be at least 1".into(),
-            ));
-        }
-        if self.chunk.window == 0 {
-            return Err(CompressError::Config(
-                "--kv-window must be at least 1".into(),
-            ));
-        }
+        let shape = self.chunk.shape()?;
         if self.method == Method::None {
             return Ok(None);
         }
-        let policy: Box<dyn crate::compress::Policy> = match self.method {
-            Method::Chunkkv => Box::new(ChunkKv {
-                chunk_size: self.chunk.chunk_size,
-                window: self.chunk.window,
-                chunk_score: self.chunk_score,
-                pool: (self.pool > 1).then_some(self.pool),
-            }),
-            m => m.policy(self.chunk.window, self.chunk.chunk_size, self.kv_seed)?,
-        };
-        Ok(Some(policy))
+        self.method.policy(&shape, self.kv_seed).map(Some)
     }
 }
 
@@ -307,6 +311,54 @@ mod tests {
     #[test]
     fn command_line_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Every command that compresses takes the same ChunkKV shape flags.
+    #[test]
+    fn chunkkv_shape_flags_reach_every_compressing_command() {
+        use super::Command;
+        use crate::compress::ChunkScore;
+        use clap::Parser;
+        let flags = [
+            "--chunk-size",
+            "4",
+            "--chunk-score",
+            "mean",
+            "--kv-pool",
+            "5",
+        ];
+        for cmd in [
+            &["eval", "--tasks", "niah"][..],
+            &["compare"],
+            &["bench"],
+            &["chat"],
+        ] {
+            let argv = ["chunkkv"].iter().chain(cmd).chain(&flags);
+            let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+            let chunk = match cli.command {
+                Command::Eval(a) => a.chunk,
+                Command::Compare(a) => a.chunk,
+                Command::Bench(a) => a.chunk,
+                Command::Chat(a) => a.chunk,
+                _ => unreachable!(),
+            };
+            let shape = chunk.shape().unwrap();
+            assert_eq!(
+                (shape.chunk_size, shape.chunk_score, shape.pool),
+                (4, ChunkScore::Mean, Some(5)),
+                "{cmd:?}"
+            );
+        }
+        let bad = Cli::try_parse_from(["chunkkv", "eval", "--tasks", "niah", "--chunk-size", "0"]);
+        let Command::Eval(a) = bad.unwrap().command else {
+            unreachable!()
+        };
+        assert!(a
+            .chunk
+            .shape()
+            .unwrap_err()
+            .to_string()
+            .contains("--chunk-size"));
     }
 
     #[test]

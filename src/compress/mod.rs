@@ -50,18 +50,16 @@ impl Method {
     }
 
     /// The selection policy of a compressing method (`None` has none).
-    pub fn policy(
-        self,
-        window: usize,
-        chunk_size: usize,
-        seed: u64,
-    ) -> Result<Box<dyn Policy>, CompressError> {
+    /// `shape` is ChunkKV's (chunk size, window, chunk score, pooling); the
+    /// baselines take its window.
+    pub fn policy(self, shape: &ChunkKv, seed: u64) -> Result<Box<dyn Policy>, CompressError> {
+        let window = shape.window;
         if window == 0 {
             return Err(CompressError::Config(
                 "--kv-window must be at least 1".into(),
             ));
         }
-        if chunk_size == 0 {
+        if shape.chunk_size == 0 {
             return Err(CompressError::Config(
                 "--chunk-size must be at least 1".into(),
             ));
@@ -72,11 +70,7 @@ impl Method {
                     "method `none` does not compress".into(),
                 ))
             }
-            Method::Chunkkv => Box::new(ChunkKv {
-                chunk_size,
-                window,
-                ..ChunkKv::default()
-            }),
+            Method::Chunkkv => Box::new(shape.clone()),
             Method::Streaming => Box::new(baselines::Streaming::default()),
             Method::H2o => Box::new(baselines::H2o),
             Method::Snapkv => Box::new(baselines::SnapKv { window, kernel: 7 }),

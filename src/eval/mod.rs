@@ -12,7 +12,7 @@ pub mod tasks;
 
 use crate::bench::ctx_size;
 use crate::compare::{kl_divergence, log_softmax};
-use crate::compress::{Budget, CompressError, Compressor, Method};
+use crate::compress::{Budget, ChunkKv, CompressError, Compressor, Method};
 use crate::llama::{
     Batch, ChatMessage, Context, ContextError, ContextParams, DecodeError, Model, Sampler,
     SamplingParams, StateError, Token, TokenizeError,
@@ -54,8 +54,8 @@ pub struct EvalConfig {
     /// Compressing methods (the full cache always runs first).
     pub methods: Vec<Method>,
     pub budgets: Vec<Budget>,
-    pub window: usize,
-    pub chunk_size: usize,
+    /// ChunkKV's shape; the baselines take its window.
+    pub chunk: ChunkKv,
     /// ChunkKV's reuse group size (baselines score every layer).
     pub reuse: usize,
     pub seed: u64,
@@ -176,7 +176,7 @@ pub fn run_sample(
     let model = ctx.model();
     let (tokens, cont) = sample_tokens(model, sample)?;
     let n = tokens.len();
-    let w = cfg.window;
+    let w = cfg.chunk.window;
     if n <= w + 1 {
         return Err(EvalError::TooShort {
             id: sample.id.clone(),
@@ -197,7 +197,7 @@ pub fn run_sample(
     ctx.memory_clear(true);
     // H2O's head scores (every prompt query) come from this one prefill too.
     let head_scores = if cfg.methods.contains(&Method::H2o) {
-        let scorer = Compressor::new(ctx, Method::H2o.policy(w, cfg.chunk_size, cfg.seed)?, w, 1)?;
+        let scorer = Compressor::new(ctx, Method::H2o.policy(&cfg.chunk, cfg.seed)?, w, 1)?;
         scorer.prefill_head_scored(ctx, head)?
     } else {
         ctx.decode_tokens(head, 0, SEQ, false)?;
@@ -216,7 +216,7 @@ pub fn run_sample(
             }
             (m, Some(b)) => {
                 let reuse = if m == Method::Chunkkv { cfg.reuse } else { 1 };
-                let policy = m.policy(w, cfg.chunk_size, cfg.seed)?;
+                let policy = m.policy(&cfg.chunk, cfg.seed)?;
                 let mut c = Compressor::new(ctx, policy, w, reuse)?;
                 let n_keep = b.cells_for(n).max(1);
                 ctx.state_seq_set(SEQ, &head_state)?;
