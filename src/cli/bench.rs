@@ -53,13 +53,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !(1..=100).contains(&args.reps) {
         anyhow::bail!("-r must be between 1 and 100");
     }
-    if args.n_gen == 0
-        || args.chunk.chunk_size == 0
-        || args.chunk.window == 0
-        || args.chunk.reuse_layers == 0
-    {
-        anyhow::bail!("-n, --chunk-size, --kv-window and --reuse-layers must be at least 1");
+    if args.n_gen == 0 {
+        anyhow::bail!("-n must be at least 1");
     }
+    let chunkkv = args.chunk.shape()?;
     let model = args.model.load()?;
     let info = model.info();
     let cfg = BenchConfig {
@@ -67,7 +64,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         n_gen: args.n_gen,
         budgets: args.budgets.clone(),
         reps: args.reps,
-        chunkkv: args.chunk.shape()?,
+        chunkkv,
         reuse: args.chunk.reuse_layers,
     };
     let params = args.context.params();

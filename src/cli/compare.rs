@@ -124,6 +124,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     if text.is_none() && args.lengths.is_empty() {
         anyhow::bail!("-p parsed to no prompt length");
     }
+    let chunk = args.chunk.shape()?;
     let model = args.model.load()?;
     let info = model.info();
     let prompts: Vec<Vec<crate::llama::Token>> = match &text {
@@ -138,7 +139,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         rows: rows(&args),
         n_gen: args.n_gen,
         reps: args.reps,
-        chunk: args.chunk.shape()?,
+        chunk,
         reuse: args.chunk.reuse_layers,
     };
     let params = args.context.params();

@@ -88,6 +88,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             anyhow::bail!("unknown task `{t}`: {}", tasks::TASKS.join(", "));
         }
     }
+    let chunk = args.chunk.shape()?;
     let model = args.model.load()?;
     let train = model.n_ctx_train() as usize;
     let length = match (args.length, args.context.ctx_size) {
@@ -130,7 +131,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let cfg = EvalConfig {
         methods: args.methods.clone(),
         budgets: args.budgets.clone(),
-        chunk: args.chunk.shape()?,
+        chunk,
         reuse: args.chunk.reuse_layers,
         seed: args.seed,
     };

@@ -242,22 +242,14 @@ impl ChunkArgs {
                 "--reuse-layers must be at least 1".into(),
             ));
         }
-        if self.chunk_size == 0 {
-            return Err(CompressError::Config(
-                "--chunk-size must be at least 1".into(),
-            ));
-        }
-        if self.window == 0 {
-            return Err(CompressError::Config(
-                "--kv-window must be at least 1".into(),
-            ));
-        }
-        Ok(ChunkKv {
+        let shape = ChunkKv {
             chunk_size: self.chunk_size,
             window: self.window,
             chunk_score: self.chunk_score,
             pool: (self.pool > 1).then_some(self.pool),
-        })
+        };
+        shape.check()?;
+        Ok(shape)
     }
 }
 

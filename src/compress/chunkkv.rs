@@ -3,6 +3,7 @@
 //! KV heads of a layer.
 
 use super::policy::{LayerCandidates, Policy};
+use super::CompressError;
 use crate::llama::ScoreRows;
 
 /// How a chunk's score is formed from its tokens' scores.
@@ -25,6 +26,23 @@ pub struct ChunkKv {
     pub chunk_score: ChunkScore,
     /// Average-pool token scores with this odd kernel before chunking (kvpress: 5); None: off.
     pub pool: Option<usize>,
+}
+
+impl ChunkKv {
+    /// Refuses a zero chunk size or window (the baselines use the window too).
+    pub fn check(&self) -> Result<(), CompressError> {
+        if self.window == 0 {
+            return Err(CompressError::Config(
+                "--kv-window must be at least 1".into(),
+            ));
+        }
+        if self.chunk_size == 0 {
+            return Err(CompressError::Config(
+                "--chunk-size must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for ChunkKv {

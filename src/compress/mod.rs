@@ -53,17 +53,8 @@ impl Method {
     /// `shape` is ChunkKV's (chunk size, window, chunk score, pooling); the
     /// baselines take its window.
     pub fn policy(self, shape: &ChunkKv, seed: u64) -> Result<Box<dyn Policy>, CompressError> {
+        shape.check()?;
         let window = shape.window;
-        if window == 0 {
-            return Err(CompressError::Config(
-                "--kv-window must be at least 1".into(),
-            ));
-        }
-        if shape.chunk_size == 0 {
-            return Err(CompressError::Config(
-                "--chunk-size must be at least 1".into(),
-            ));
-        }
         Ok(match self {
             Method::None => {
                 return Err(CompressError::Config(
