@@ -16,10 +16,22 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
 
+#[path = "build/cpu_features.rs"]
+mod cpu_features;
+#[path = "build/options.rs"]
+mod options;
+use options::CpuTuning;
+
 const CARRIER_PACKAGE: &str = "llama-cpp-sys-2";
 
 /// Environment variables of our own that change what is built.
-const OWN_ENV: &[&str] = &["CHUNKKV_LLAMA_LIB_DIR", "CHUNKKV_LLAMA_SHARED", "CUDA_PATH"];
+const OWN_ENV: &[&str] = &[
+    "CHUNKKV_LLAMA_LIB_DIR",
+    "CHUNKKV_LLAMA_SHARED",
+    "CHUNKKV_NATIVE",
+    "CHUNKKV_AMX",
+    "CUDA_PATH",
+];
 
 /// Cache-variable prefixes passed through from the environment to cmake.
 const PASSTHROUGH_PREFIXES: &[&str] = &["CMAKE_", "GGML_"];
@@ -66,11 +78,28 @@ fn run() -> Result<(), String> {
     let stamp = source_stamp(&carrier_version, &patches)?;
     materialize(&upstream, &source, &patches, &stamp)?;
 
-    let backends = backends();
-    match env::var_os("CHUNKKV_LLAMA_LIB_DIR") {
-        Some(dir) => link_prebuilt(Path::new(&dir), &backends),
-        None => build_with_cmake(&source, &llama_root, &stamp, &backends)?,
+    // Cargo re-runs this script for a variable only if the previous run named it,
+    // so every option the pinned CMakeLists declare is named, set or not.
+    let options = options::cmake_option_names(&source)
+        .map_err(|e| format!("read cmake options of {}: {e}", source.display()))?;
+    for name in options
+        .iter()
+        .map(String::as_str)
+        .chain(options::EXTRA_BUILD_VARS.iter().copied())
+    {
+        println!("cargo:rerun-if-env-changed={name}");
     }
+
+    let backends = backends();
+    let tuning = match env::var_os("CHUNKKV_LLAMA_LIB_DIR") {
+        Some(dir) => {
+            link_prebuilt(Path::new(&dir), &backends);
+            println!("cargo:rustc-env=CHUNKKV_CPU_REQUIRES=");
+            "prebuilt"
+        }
+        None => tuning_name(&build_with_cmake(&source, &llama_root, &stamp, &backends)?),
+    };
+    println!("cargo:rustc-env=CHUNKKV_CPU_TUNING={tuning}");
 
     generate_bindings(&source, &out_dir)?;
 
@@ -326,7 +355,7 @@ fn build_with_cmake(
     llama_root: &Path,
     stamp: &str,
     backends: &[&str],
-) -> Result<(), String> {
+) -> Result<CpuTuning, String> {
     let shared = env::var("CHUNKKV_LLAMA_SHARED").is_ok_and(|v| v == "1");
     let target = env_var("TARGET")?;
     let mut defines: BTreeMap<String, String> = [
@@ -360,9 +389,24 @@ fn build_with_cmake(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let tuning = options::cpu_tuning(&arch, &|k| env::var(k).ok());
+    defines.extend(options::cpu_defines(&tuning));
     for (k, v) in passthrough_defines() {
         println!("cargo:rerun-if-env-changed={k}");
         defines.insert(k, v);
+    }
+    let on = |k: &str| defines.get(k).is_some_and(|v| options::is_on(v));
+    let required = options::required_features(&tuning, &on, &build_host_features());
+    println!(
+        "cargo:rustc-env=CHUNKKV_CPU_REQUIRES={}",
+        required.join(",")
+    );
+    if tuning == (CpuTuning::Native { amx: false }) {
+        for var in ["CMAKE_C_FLAGS", "CMAKE_CXX_FLAGS"] {
+            let flags = options::without_amx(defines.get(var).map(String::as_str));
+            defines.insert(var.to_string(), flags);
+        }
     }
 
     let mut key = fnv1a(stamp.as_bytes(), FNV_SEED);
@@ -393,7 +437,26 @@ fn build_with_cmake(
             dst.join("lib").display()
         );
     }
-    Ok(())
+    Ok(tuning)
+}
+
+/// The build machine's CPU features, for a native build's run-time check
+/// (empty when cross-compiling).
+fn build_host_features() -> Vec<&'static str> {
+    if env::var("HOST") == env::var("TARGET") {
+        cpu_features::detect()
+    } else {
+        Vec::new()
+    }
+}
+
+fn tuning_name(t: &CpuTuning) -> &'static str {
+    match t {
+        CpuTuning::Portable => "x86-64-v3",
+        CpuTuning::Native { amx: false } => "native (no AMX)",
+        CpuTuning::Native { amx: true } => "native",
+        CpuTuning::Other => "ggml default",
+    }
 }
 
 fn link_prebuilt(dir: &Path, backends: &[&str]) {
@@ -448,7 +511,7 @@ fn generate_bindings(source: &Path, out_dir: &Path) -> Result<(), String> {
         .allowlist_function(
             "ggml_backend_(dev|reg)_.*|ggml_backend_load_all|ggml_type_name|ggml_log_set",
         )
-        .allowlist_type("ggml_type|ggml_log_level|ggml_backend_dev_type")
+        .allowlist_type("ggml_type|ggml_log_level|ggml_backend_dev_type|ggml_backend_feature")
         .prepend_enum_name(false)
         .derive_default(true)
         .layout_tests(false)

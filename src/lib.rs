@@ -18,4 +18,5 @@ pub mod models;
 pub mod pipeline;
 pub mod synth;
 pub(crate) mod sys;
+pub mod threads;
 pub mod workload;

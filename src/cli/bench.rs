@@ -67,7 +67,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         chunkkv,
         reuse: args.chunk.reuse_layers,
     };
-    let params = args.context.params();
+    let params = args.context.fixed_params();
     let rows = bench::run(&model, &params, &cfg, |r| {
         eprintln!(
             "bench: d{} {} {:.0}%: {:.1} tok/s decode, {} cells",
@@ -88,7 +88,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "flash_attn": args.context.flash_attn.to_string(),
         "cache_type_k": args.context.cache_type_k,
         "cache_type_v": args.context.cache_type_v,
-        "threads": params_threads(&args),
+        "threads": params.threads().to_string(),
         "commit": crate::hardware::commit(),
     });
     let json =
@@ -102,12 +102,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Output::Md => print_md(&info.description, args.n_gen, &rows),
     }
     Ok(())
-}
-
-fn params_threads(args: &BenchArgs) -> i32 {
-    args.context
-        .threads
-        .unwrap_or(crate::hardware::physical_cores() as i32)
 }
 
 fn mib(b: u64) -> f64 {

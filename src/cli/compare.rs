@@ -142,7 +142,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         chunk,
         reuse: args.chunk.reuse_layers,
     };
-    let params = args.context.params();
+    let params = args.context.fixed_params();
     let mut all = Vec::new();
     for prompt in &prompts {
         if prompt.len() + args.n_gen > info.n_ctx_train as usize {

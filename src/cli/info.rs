@@ -2,6 +2,7 @@
 
 use clap::Args;
 
+use crate::hardware;
 use crate::llama::{version, Backend};
 
 #[derive(Debug, Args)]
@@ -27,8 +28,20 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let build_features = backend.build_features();
+    let cpu = serde_json::json!({
+        "model": hardware::cpu_model(),
+        "physical_cores": hardware::physical_cores(),
+        "usable_cores": hardware::usable_cores(),
+        "features": hardware::cpu_features(),
+        "build_tuning": hardware::CPU_TUNING,
+        "build_requires": hardware::cpu_build_requires(),
+        "build_check": hardware::check_cpu().err(),
+    });
     if args.json {
         let v = serde_json::json!({
+            "cpu": cpu,
+            "build_features": build_features.iter().map(|(n, f)| (n.clone(), f.clone())).collect::<std::collections::BTreeMap<_, _>>(),
             "chunkkv": env!("CARGO_PKG_VERSION"),
             "llama_cpp_carrier": format!("llama-cpp-sys-2 {}", version::CARRIER),
             "ggml": version::GGML,
@@ -48,6 +61,22 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     );
     println!("patches: {}", version::PATCHES.replace(',', ", "));
     println!("backends: {}", version::BACKENDS.replace(',', ", "));
+    println!(
+        "cpu: {} ({} physical cores, {} usable)",
+        hardware::cpu_model(),
+        hardware::physical_cores(),
+        hardware::usable_cores()
+    );
+    println!("  has:        {}", hardware::cpu_features().join(" "));
+    println!("  build:      {}", hardware::CPU_TUNING);
+    for (name, feats) in &build_features {
+        if !feats.is_empty() {
+            println!("  {name} uses: {}", feats.join(" "));
+        }
+    }
+    if let Err(e) = hardware::check_cpu() {
+        println!("  warning:    {e}");
+    }
     println!("devices:");
     for d in &devices {
         let mem = if d.memory_total > 0 {

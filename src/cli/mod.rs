@@ -103,6 +103,10 @@ impl Cli {
     }
 
     pub fn run(self) -> anyhow::Result<()> {
+        // A build for a richer CPU would die of SIGILL inside llama.cpp: say so first.
+        if !matches!(self.command, Command::Info(_)) {
+            crate::hardware::check_cpu().map_err(anyhow::Error::msg)?;
+        }
         match self.command {
             Command::Info(a) => info::run(a),
             Command::Models(c) => models::run(c),
@@ -151,8 +155,9 @@ pub struct ContextArgs {
     /// Physical batch size (-ub).
     #[arg(long = "ubatch-size", default_value_t = 512)]
     pub ubatch_size: u32,
-    /// Threads (default: physical cores).
-    #[arg(short = 't', long = "threads")]
+    /// Threads (default: chosen at run time, up to the physical cores, from
+    /// the cores other processes leave free and from decode timings).
+    #[arg(short = 't', long = "threads", value_parser = clap::value_parser!(i32).range(1..=1024))]
     pub threads: Option<i32>,
     /// Flash attention: on, off or auto (-fa).
     #[arg(long = "flash-attn", default_value = "auto")]
@@ -182,6 +187,15 @@ impl ContextArgs {
             p = p.with_n_threads(t);
         }
         p
+    }
+
+    /// [`ContextArgs::params`] with a fixed thread count (`-t`, else the
+    /// usable physical cores), for benchmarks whose rows must be comparable.
+    pub fn fixed_params(&self) -> ContextParams {
+        let n = self
+            .threads
+            .unwrap_or(crate::hardware::usable_cores() as i32);
+        self.params().with_n_threads(n)
     }
 }
 

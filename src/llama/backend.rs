@@ -62,6 +62,40 @@ impl Backend {
             .any(|d| matches!(d.kind, DeviceKind::Gpu | DeviceKind::IntegratedGpu))
     }
 
+    /// What each registered backend was compiled to use, as ggml reports it
+    /// (`("CPU", ["AVX2", "FMA", ...])`): the build's instruction set, not the host's.
+    pub fn build_features(&self) -> Vec<(String, Vec<String>)> {
+        // SAFETY: registry entries are owned by ggml and live forever; the feature
+        // list is a static array terminated by a null name.
+        unsafe {
+            (0..sys::ggml_backend_reg_count())
+                .map(|i| {
+                    let reg = sys::ggml_backend_reg_get(i);
+                    let name = cstr(sys::ggml_backend_reg_name(reg));
+                    let mut feats = Vec::new();
+                    let f = sys::ggml_backend_reg_get_proc_address(
+                        reg,
+                        c"ggml_backend_get_features".as_ptr(),
+                    );
+                    if !f.is_null() {
+                        type GetFeatures = unsafe extern "C" fn(
+                            sys::ggml_backend_reg_t,
+                        )
+                            -> *const sys::ggml_backend_feature;
+                        let get: GetFeatures = std::mem::transmute(f);
+                        let mut p = get(reg);
+                        while !p.is_null() && !(*p).name.is_null() {
+                            let (n, v) = (cstr((*p).name), cstr((*p).value));
+                            feats.push(if v == "1" { n } else { format!("{n}={v}") });
+                            p = p.add(1);
+                        }
+                    }
+                    (name, feats)
+                })
+                .collect()
+        }
+    }
+
     /// llama.cpp's one-line summary of CPU features and backends.
     pub fn system_info(&self) -> String {
         // SAFETY: returns a static C string.

@@ -9,6 +9,7 @@ use super::error::{ContextError, DecodeError, StateError};
 use super::kv::{CompactError, DeadSlots, KvPart, KvStats, LayerImportance, ScoreRows};
 use super::model::{Model, Token};
 use crate::sys;
+use crate::threads::{ThreadTuner, Threads};
 
 /// A sequence id inside a context.
 pub type SeqId = i32;
@@ -143,7 +144,7 @@ pub struct ContextParams {
     n_ctx: u32,
     n_batch: u32,
     n_ubatch: u32,
-    n_threads: i32,
+    threads: Threads,
     flash_attn: FlashAttn,
     type_k: CacheType,
     type_v: CacheType,
@@ -156,7 +157,7 @@ impl Default for ContextParams {
             n_ctx: 0,
             n_batch: 2048,
             n_ubatch: 512,
-            n_threads: crate::hardware::physical_cores() as i32,
+            threads: Threads::auto(),
             flash_attn: FlashAttn::Auto,
             type_k: CacheType::F16,
             type_v: CacheType::F16,
@@ -181,10 +182,18 @@ impl ContextParams {
         self.n_ubatch = n;
         self
     }
-    /// Threads for both prompt processing and generation.
+    /// Exactly `n` threads for both prompt processing and generation.
     pub fn with_n_threads(mut self, n: i32) -> Self {
-        self.n_threads = n;
+        self.threads = Threads::Fixed(n.max(0) as usize);
         self
+    }
+    /// Threads fixed or tuned at run time (the default: [`Threads::auto`]).
+    pub fn with_threads(mut self, threads: Threads) -> Self {
+        self.threads = threads;
+        self
+    }
+    pub fn threads(&self) -> Threads {
+        self.threads
     }
     pub fn with_flash_attn(mut self, fa: FlashAttn) -> Self {
         self.flash_attn = fa;
@@ -225,6 +234,10 @@ pub struct Context<'m> {
     n_batch: u32,
     /// The per-layer dead slots llama.cpp currently masks (patch 0004).
     dead: Vec<DeadSlots>,
+    /// Thread counts for single-token and batched decodes, when not fixed.
+    tuners: Option<[ThreadTuner; 2]>,
+    /// Thread counts llama.cpp was last told (generation, batch).
+    n_threads: (usize, usize),
 }
 
 // SAFETY: a llama_context may move between threads; it is not shared (no Sync).
@@ -252,7 +265,7 @@ impl<'m> Context<'m> {
                 params.type_v.name(),
             ));
         }
-        if params.n_batch == 0 || params.n_ubatch == 0 || params.n_threads <= 0 {
+        if params.n_batch == 0 || params.n_ubatch == 0 || params.threads == Threads::Fixed(0) {
             return Err(ContextError::Invalid(
                 "batch sizes and threads must be positive".into(),
             ));
@@ -263,6 +276,7 @@ impl<'m> Context<'m> {
                 params.n_ctx
             )));
         }
+        let n_threads = params.threads.initial();
         let n_ctx_req = if params.n_ctx == 0 {
             model.n_ctx_train()
         } else {
@@ -275,8 +289,8 @@ impl<'m> Context<'m> {
             p.n_batch = params.n_batch.min(n_ctx_req.max(1));
             p.n_ubatch = params.n_ubatch.min(p.n_batch);
             p.n_seq_max = 1;
-            p.n_threads = params.n_threads;
-            p.n_threads_batch = params.n_threads;
+            p.n_threads = n_threads as i32;
+            p.n_threads_batch = n_threads as i32;
             p.flash_attn_type = match params.flash_attn {
                 FlashAttn::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
                 FlashAttn::Off => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
@@ -296,13 +310,28 @@ impl<'m> Context<'m> {
                 sys::llama_n_batch(ptr.as_ptr()),
             )
         };
+        let tuners = match params.threads {
+            Threads::Fixed(_) => None,
+            Threads::Auto { max } => {
+                let now = std::time::Instant::now();
+                let t = ThreadTuner::new(n_threads, max, now);
+                Some([t.clone(), t])
+            }
+        };
         Ok(Context {
             ptr,
             model,
             n_ctx,
             n_batch,
             dead: Vec::new(),
+            tuners,
+            n_threads: (n_threads, n_threads),
         })
+    }
+
+    /// Threads used for (single-token decode, batches) now.
+    pub fn n_threads(&self) -> (usize, usize) {
+        self.n_threads
     }
 
     pub fn model(&self) -> &'m Model {
@@ -338,8 +367,37 @@ impl<'m> Context<'m> {
         if batch.is_empty() {
             return Err(DecodeError::Empty);
         }
+        let n_tokens = batch.len();
+        // llama.cpp computes single-token micro-batches with n_threads, others with n_threads_batch.
+        let kind = usize::from(n_tokens > 1);
+        let t0 = std::time::Instant::now();
+        let mut chosen = None;
+        if let Some(tuners) = self.tuners.as_mut() {
+            let n = tuners[kind].next(t0);
+            let mut want = self.n_threads;
+            if kind == 0 {
+                want.0 = n;
+            } else {
+                want.1 = n;
+            }
+            if want != self.n_threads {
+                // SAFETY: valid context.
+                unsafe {
+                    sys::llama_set_n_threads(self.ptr.as_ptr(), want.0 as i32, want.1 as i32)
+                };
+                self.n_threads = want;
+            }
+            chosen = Some(n);
+        }
         // SAFETY: the batch's arrays are valid for its n_tokens; decode copies them.
         let code = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw()) };
+        if let (Some(n), Some(tuners)) = (chosen, self.tuners.as_mut()) {
+            // Time the whole computation: decode may return before an accelerator is done.
+            // SAFETY: valid context.
+            unsafe { sys::llama_synchronize(self.ptr.as_ptr()) };
+            let now = std::time::Instant::now();
+            tuners[kind].record(n, n_tokens, now.duration_since(t0).as_secs_f64(), now);
+        }
         DecodeError::from_code(code, self.n_ctx)
     }
 
