@@ -11,7 +11,7 @@
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use crate::compress::{Budget, CompressError, Compressor, Keep, Policy};
+use crate::compress::{Budget, CompressError, Compressor, Keep, Policy, Scorer};
 use crate::llama::{ChatMessage, Context, KvPart, KvStats, Pos, Sampler, Token, TokenizeError};
 use crate::pipeline::{self, PipelineError, StopReason};
 
@@ -270,7 +270,9 @@ impl<'m> ChatSession<'m> {
         self.messages.push(ChatMessage::new("user", text));
         let rendered = self.render(&self.messages, false);
         let delta = self.delta(&rendered);
-        let n = self.feed_text(&delta, 0, progress);
+        // Compressed now, before any question: scored by reconstruction when the
+        // compressor can (window scoring would rank by the document's own end).
+        let n = self.feed_text(&delta, 0, Scorer::Reconstruct, progress);
         match n {
             Ok(n) => {
                 self.cached_text = rendered;
@@ -296,7 +298,7 @@ impl<'m> ChatSession<'m> {
         let delta = self.delta(&rendered);
         let reserve = self.reserve();
         let t = Instant::now();
-        let n_prompt = match self.feed_text(&delta, reserve, progress) {
+        let n_prompt = match self.feed_text(&delta, reserve, Scorer::Window, progress) {
             Ok(n) => n,
             Err(e) => {
                 self.messages.pop();
@@ -359,11 +361,12 @@ impl<'m> ChatSession<'m> {
         &mut self,
         text: &str,
         reserve: usize,
+        scorer: Scorer,
         progress: &mut dyn FnMut(FeedProgress),
     ) -> Result<usize, ChatError> {
         let bos = self.next_pos == 0;
         let tokens = self.ctx.model().tokenize(text, bos, true)?;
-        self.feed(&tokens, reserve, progress)?;
+        self.feed(&tokens, reserve, scorer, progress)?;
         Ok(tokens.len())
     }
 
@@ -371,6 +374,7 @@ impl<'m> ChatSession<'m> {
         &mut self,
         tokens: &[Token],
         reserve: usize,
+        scorer: Scorer,
         progress: &mut dyn FnMut(FeedProgress),
     ) -> Result<(), ChatError> {
         let n_ctx = self.ctx.n_ctx() as usize;
@@ -397,11 +401,17 @@ impl<'m> ChatSession<'m> {
                 self.prefilled += rest;
                 break;
             };
+            // Reconstruction scoring needs cells on top of the segment for a moment.
+            let scratch = match scorer {
+                Scorer::Reconstruct => compressor.reconstruction_room(256),
+                Scorer::Window => 0,
+            };
+            let fits = fits && rest + scratch <= free;
             // A segment fills the free cells (one stays for the compression's room).
             let seg = if fits {
                 rest
             } else {
-                rest.min(free.saturating_sub(1))
+                rest.min(free.saturating_sub(1 + scratch))
             };
             if seg == 0 {
                 return Err(ChatError::ContextFull {
@@ -446,6 +456,7 @@ impl<'m> ChatSession<'m> {
                 self.next_pos,
                 n_keep.max(1),
                 keep,
+                scorer,
                 self.budget.json(),
             )?;
             if done.compressed {

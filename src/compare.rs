@@ -12,7 +12,10 @@
 use std::time::Instant;
 
 use crate::bench::{ctx_size, mean_std, ms_since};
-use crate::compress::{Budget, ChunkKv, CompressError, Compressor, Method};
+use crate::compress::{
+    Budget, ChunkKv, CompressError, Compressor, Method, MethodSpec, Reconstruction, Scorer,
+    TurnState,
+};
 use crate::llama::{
     CacheType, Context, ContextError, ContextParams, DecodeError, FlashAttn, KvPart, Model,
     StateError, Token,
@@ -77,6 +80,8 @@ pub struct CompareConfig {
     /// ChunkKV's shape; the baselines take its window.
     pub chunk: ChunkKv,
     pub reuse: usize,
+    /// What the scored methods rank by (`kvzip` always reconstructs).
+    pub scorer: Scorer,
 }
 
 /// The default cache's continuation: tokens and the distributions that produced them.
@@ -234,6 +239,36 @@ pub fn run_prompt(
         };
         let head_ms = ms_since(t);
         let head_state = ctx.state_seq_get(SEQ)?;
+        // Reconstruction scores every layer once for the rows that use it, in a
+        // context with room for its chunks (so the rows' own contexts stay as
+        // llama.cpp would size them); its time is part of each such row's overhead.
+        let reconstructs = |m: Method| {
+            MethodSpec {
+                method: m,
+                scorer: None,
+            }
+            .scorer_or(cfg.scorer)
+                == Scorer::Reconstruct
+                && m.scores()
+        };
+        let (rec_scores, rec_ms) = if rows
+            .iter()
+            .any(|r| r.budget.is_some() && reconstructs(r.method))
+        {
+            let rec = Reconstruction::for_model(model, TurnState::Open)
+                .map_err(|e| CompareError::Config(format!("reconstruction prompts: {e}")))?;
+            let mut flags = vec![false; model.n_layer() as usize];
+            for il in ctx.kv_layers(KvPart::Base) {
+                flags[il as usize] = true;
+            }
+            let mut roomy = Context::new(model, &p.clone().with_n_ctx(ctx_size(n + 2048 + 256)))?;
+            roomy.state_seq_set(SEQ, &head_state)?;
+            let t = Instant::now();
+            let scores = rec.score(&mut roomy, SEQ, head, &flags)?;
+            (scores, ms_since(t))
+        } else {
+            (Vec::new(), 0.0)
+        };
         let mut window_ms = None;
 
         for spec in rows {
@@ -256,7 +291,23 @@ pub fn run_prompt(
                         1
                     };
                     let policy = method.policy(&cfg.chunk, 0)?;
-                    if method == Method::H2o {
+                    if reconstructs(method) {
+                        let mut c = Compressor::new(&ctx, policy, w, reuse)?;
+                        let done = c.compress_with_scores(
+                            &mut ctx,
+                            &rec_scores,
+                            window,
+                            (n - w) as i32,
+                            n_keep,
+                            b.json(),
+                        )?;
+                        let plain = window_ms.unwrap_or(0.0);
+                        (
+                            head_ms + rec_ms + done.ms,
+                            (rec_ms + done.ms - plain).max(0.0),
+                            done.compressed,
+                        )
+                    } else if method == Method::H2o {
                         let mut c = Compressor::new(&ctx, policy, w, reuse)?;
                         let done = c.compress_window_with(
                             &mut ctx,
@@ -328,7 +379,11 @@ pub fn run_prompt(
             };
             let row = CompareRow {
                 n_prompt: n,
-                method: spec.method.name().to_string(),
+                method: MethodSpec {
+                    method: spec.method,
+                    scorer: None,
+                }
+                .label(cfg.scorer),
                 budget,
                 cache_type_k: tk,
                 cache_type_v: tv,

@@ -13,8 +13,41 @@ fn cfg(length: usize, samples: usize, seed: u64) -> TaskConfig {
     TaskConfig {
         length,
         samples,
+        questions: 1,
         seed,
         data: data_dir(),
+    }
+}
+
+/// Every answer of every question is in its context: a perfect reader scores 1.
+fn assert_answerable(model: &chunkkv::llama::Model, s: &tasks::Sample) {
+    let n = model.tokenize(&s.context, false, false).unwrap().len();
+    assert!(n > 150 && n < 1400, "{}: {n} tokens of context", s.id);
+    for q in &s.questions {
+        match s.scoring {
+            Scoring::ContainsAll | Scoring::ContainsAny => {
+                for ans in &q.answers {
+                    assert!(s.context.contains(ans.as_str()), "{}: {ans}", s.id);
+                }
+                assert_eq!(
+                    score::score(s.scoring, &q.answers.join(", "), &q.answers),
+                    1.0
+                );
+            }
+            Scoring::Number if s.task == "passkey" => {
+                let key = &q.answers[0];
+                assert_eq!(s.context.matches(key.as_str()).count(), 2, "{}", s.id);
+            }
+            Scoring::Number => {
+                // GSM8K: the answer is the test row's final number.
+                assert!(q.answers[0].parse::<f64>().is_ok(), "{:?}", q.answers);
+                assert!(s.context.matches("####").count() >= 2, "several exemplars");
+            }
+            Scoring::Fidelity => {
+                assert!(s.continuation.as_ref().is_some_and(|c| c.len() > 100))
+            }
+            Scoring::Exact => unreachable!(),
+        }
     }
 }
 
@@ -28,35 +61,40 @@ fn generated_tasks_are_deterministic_and_hold_their_answers() {
         let c = tasks::generate(model, task, &cfg(1024, 3, 8)).unwrap();
         assert_ne!(a, c, "{task} depends on the seed");
         for s in &a {
-            let n = model.tokenize(&s.context, false, false).unwrap().len();
-            assert!(n > 150 && n < 1400, "{}: {n} tokens of context", s.id);
-            match s.scoring {
-                // The context states every answer: a perfect reader scores 1.
-                Scoring::ContainsAll | Scoring::ContainsAny => {
-                    for ans in &s.answers {
-                        assert!(s.context.contains(ans.as_str()), "{}: {ans}", s.id);
-                    }
-                    assert_eq!(
-                        score::score(s.scoring, &s.answers.join(", "), &s.answers),
-                        1.0
-                    );
+            assert_eq!(s.questions.len(), 1, "{}", s.id);
+            assert_answerable(model, s);
+        }
+    }
+}
+
+#[test]
+fn several_facts_are_planted_and_each_is_asked_alone() {
+    let model = default_model();
+    for task in ["niah", "passkey", "ruler"] {
+        let many = tasks::generate(
+            model,
+            task,
+            &TaskConfig {
+                questions: 4,
+                ..cfg(1024, 2, 5)
+            },
+        )
+        .unwrap();
+        for s in &many {
+            assert_eq!(s.questions.len(), 4, "{}", s.id);
+            assert_answerable(model, s);
+            // Four different questions with different answers.
+            for (i, a) in s.questions.iter().enumerate() {
+                for b in &s.questions[i + 1..] {
+                    assert_ne!(a.text, b.text, "{}", s.id);
+                    assert_ne!(a.answers, b.answers, "{}", s.id);
                 }
-                Scoring::Number if s.task == "passkey" => {
-                    let key = &s.answers[0];
-                    assert_eq!(s.context.matches(key.as_str()).count(), 2, "{}", s.id);
-                }
-                Scoring::Number => {
-                    // GSM8K: the answer is the test row's final number.
-                    assert!(s.answers[0].parse::<f64>().is_ok(), "{:?}", s.answers);
-                    assert!(s.context.matches("####").count() >= 2, "several exemplars");
-                }
-                Scoring::Fidelity => {
-                    assert!(s.continuation.as_ref().is_some_and(|c| c.len() > 100))
-                }
-                Scoring::Exact => unreachable!(),
             }
         }
     }
+    // One question leaves the single-fact samples exactly as they were.
+    let one = tasks::generate(model, "niah", &cfg(1024, 2, 5)).unwrap();
+    assert_eq!(one[0].questions[0].answers, ["sandwich", "Dolores Park"]);
 }
 
 #[test]
@@ -80,8 +118,8 @@ fn niah_covers_lengths_by_depths_and_variable_chains_resolve() {
     let ruler = tasks::generate(model, "ruler", &cfg(1024, 1, 3)).unwrap();
     let vt = ruler.iter().find(|s| s.task == "ruler-vt").unwrap();
     // Follow the chain from the value: every assigned name is an answer.
-    let value = vt
-        .question
+    let value = vt.questions[0]
+        .text
         .split_whitespace()
         .find_map(|w| w.parse::<u32>().ok())
         .unwrap();
@@ -97,7 +135,7 @@ fn niah_covers_lengths_by_depths_and_variable_chains_resolve() {
         cur = format!("= VAR {name}.");
         names.push(name);
     }
-    assert_eq!(names, vt.answers);
+    assert_eq!(names, vt.questions[0].answers);
 }
 
 #[test]

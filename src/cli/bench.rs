@@ -31,6 +31,9 @@ pub struct BenchArgs {
     /// ChunkKV budgets, comma-separated.
     #[arg(long = "kv-budget", value_delimiter = ',', default_value = "0.1,0.2")]
     pub budgets: Vec<Budget>,
+    /// Measure only llama.cpp's full cache (prefill and decode), no compression rows.
+    #[arg(long = "full-only")]
+    pub full_only: bool,
     /// Repetitions of each decode measurement.
     #[arg(short = 'r', long = "repetitions", default_value_t = 2)]
     pub reps: usize,
@@ -62,7 +65,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let cfg = BenchConfig {
         depths: args.depths.clone(),
         n_gen: args.n_gen,
-        budgets: args.budgets.clone(),
+        budgets: if args.full_only {
+            Vec::new()
+        } else {
+            args.budgets.clone()
+        },
         reps: args.reps,
         chunkkv,
         reuse: args.chunk.reuse_layers,

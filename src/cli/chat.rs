@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 
 use super::{ChunkArgs, CompressArgs, ContextArgs, ModelArgs, SamplingArgs};
 use crate::chat::{ChatSession, ChatStats, FeedProgress};
-use crate::compress::{Budget, Method};
+use crate::compress::{Budget, Method, Scorer, TurnState};
 use crate::llama::{Context, Sampler};
 use crate::pipeline::StopReason;
 
@@ -91,14 +91,18 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     } else {
         method
     };
-    let compressor = match args.compress_args(builder).compressor(&ctx) {
-        Ok(c) => c,
-        Err(e) if method == Method::None => {
-            tracing::debug!("no compression available: {e}");
-            None
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let compressor =
+        match args
+            .compress_args(builder)
+            .compressor(&ctx, TurnState::Closed, Scorer::Reconstruct)
+        {
+            Ok(c) => c,
+            Err(e) if method == Method::None => {
+                tracing::debug!("no compression available: {e}");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
     let n_ctx = ctx.n_ctx();
     let mut session = ChatSession::new(
         ctx,

@@ -141,6 +141,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         reps: args.reps,
         chunk,
         reuse: args.chunk.reuse_layers,
+        scorer: args.chunk.score.unwrap_or(crate::compress::Scorer::Window),
     };
     let params = args.context.fixed_params();
     let mut all = Vec::new();

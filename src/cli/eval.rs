@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::{ChunkArgs, ContextArgs, ModelArgs};
-use crate::compress::{Budget, Method};
+use crate::compress::{Budget, MethodSpec, Scorer};
 use crate::eval::{self, report, tasks, EvalConfig, SampleResult};
 
 #[derive(Debug, Args)]
@@ -25,15 +25,26 @@ pub struct EvalArgs {
     /// Your own tasks: JSON lines of {"id", "context", "question", "answers", "match": "contains"|"exact"}.
     #[arg(long = "tasks-file")]
     pub tasks_file: Option<PathBuf>,
-    /// Methods, comma-separated (none: the full cache, always run as the reference).
+    /// Methods, comma-separated (none: the full cache, always run as the
+    /// reference): none, chunkkv, snapkv, pyramidkv, h2o, streaming, random,
+    /// kvzip; `NAME:reconstruct` or `NAME:window` picks a method's scorer.
     #[arg(
         long = "methods",
         alias = "kv-method",
-        value_enum,
         value_delimiter = ',',
         default_value = "none,chunkkv,snapkv,pyramidkv,h2o,streaming,random"
     )]
-    pub methods: Vec<Method>,
+    pub methods: Vec<MethodSpec>,
+    /// Compress each context before its question is appended, then ask every
+    /// question of that compressed state (a chat about a loaded document).
+    #[arg(long = "query-agnostic")]
+    pub query_agnostic: bool,
+    /// Run both modes, question in the prompt and query-agnostic, side by side.
+    #[arg(long = "both-modes", conflicts_with = "query_agnostic")]
+    pub both_modes: bool,
+    /// Facts planted per context (NIAH, passkey, RULER), each asked separately.
+    #[arg(long = "questions", default_value_t = 1)]
+    pub questions: usize,
     /// Budgets, comma-separated (0.1, 10% or a token count).
     #[arg(
         long = "budgets",
@@ -80,6 +91,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if args.methods.is_empty() {
         anyhow::bail!("--methods parsed to no method");
     }
+    if !(1..=8).contains(&args.questions) {
+        anyhow::bail!("--questions {} is out of range: use 1 to 8", args.questions);
+    }
     if args.samples == 0 || args.samples > 1000 {
         anyhow::bail!("--samples {} is not sensible: use 1 to 1000", args.samples);
     }
@@ -102,6 +116,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let tcfg = tasks::TaskConfig {
         length,
         samples: args.samples,
+        questions: args.questions,
         seed: args.seed,
         data: args
             .data
@@ -117,7 +132,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let need = eval::needed_ctx(&model, &samples)?;
+    let mut need = eval::needed_ctx(&model, &samples)?;
+    let scorer = args.chunk.score.unwrap_or(Scorer::Window);
+    if args
+        .methods
+        .iter()
+        .any(|m| m.method.scores() && m.scorer_or(scorer) == Scorer::Reconstruct)
+    {
+        // Room for reconstruction chunks on top of the context (KVzip's 2048).
+        need += 2048 + 256;
+    }
     let n_ctx = match args.context.ctx_size {
         0 => need,
         c if c >= need => c,
@@ -134,10 +158,26 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         chunk,
         reuse: args.chunk.reuse_layers,
         seed: args.seed,
+        scorer,
+        query_agnostic: args.query_agnostic,
     };
-    let n_configs = cfg.configs().len();
+    let modes: Vec<EvalConfig> = if args.both_modes {
+        vec![
+            cfg.clone(),
+            EvalConfig {
+                query_agnostic: true,
+                ..cfg.clone()
+            },
+        ]
+    } else {
+        vec![cfg]
+    };
+    let n_runs: usize = samples
+        .iter()
+        .map(|s| modes.iter().map(|m| m.runs(s)).sum::<usize>())
+        .sum();
     let bar = if std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new((samples.len() * n_configs) as u64)
+        indicatif::ProgressBar::new(n_runs as u64)
     } else {
         indicatif::ProgressBar::hidden()
     };
@@ -159,12 +199,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let mut ctx = eval::context(&model, &args.context.params(), n_ctx)?;
     let mut results: Vec<SampleResult> = Vec::new();
     for s in &samples {
-        bar.set_message(s.id.clone());
-        let rs = eval::run_sample(&mut ctx, s, &cfg, |_| bar.inc(1))
-            .with_context(|| format!("sample {}", s.id))?;
-        results.extend(rs);
-        // Rewritten after every sample: a long run stopped early keeps what it measured.
-        tables(&args.out_dir, &info, &results)?;
+        for cfg in &modes {
+            bar.set_message(s.id.clone());
+            let rs = eval::run_sample(&mut ctx, s, cfg, |_| bar.inc(1))
+                .with_context(|| format!("sample {}", s.id))?;
+            results.extend(rs);
+            // Rewritten after every sample: a long run stopped early keeps what it measured.
+            tables(&args.out_dir, &info, &results)?;
+        }
     }
     bar.finish_and_clear();
     finish(&args.out_dir, &info, &results, args.json)

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::{CompressArgs, ContextArgs, ModelArgs, SamplingArgs};
+use crate::compress::{Scorer, TurnState};
 use crate::llama::{ChatMessage, Context, Sampler};
 use crate::pipeline::{self, KvReport};
 
@@ -59,7 +60,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut ctx = Context::new(&model, &args.context.params())?;
     pipeline::check_prompt(&ctx, tokens.len())?;
     let mut sampler = Sampler::new(&args.sampling.params());
-    let mut compressor = args.compress.compressor(&ctx)?;
+    let mut compressor = args
+        .compress
+        .compressor(&ctx, TurnState::Open, Scorer::Window)?;
     let hook = compressor.as_mut().map(|compressor| pipeline::Hook {
         compressor,
         budget: args.compress.budget,

@@ -11,7 +11,10 @@ mod verify;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::compress::{Budget, ChunkKv, ChunkScore, CompressError, Compressor, Method};
+use crate::compress::{
+    Budget, ChunkKv, ChunkScore, CompressError, Compressor, Method, Reconstruction, Scorer,
+    TurnState,
+};
 use crate::llama::{
     Backend, CacheType, Context, ContextParams, FlashAttn, Model, ModelParams, SamplingParams,
 };
@@ -246,6 +249,12 @@ pub struct ChunkArgs {
     /// Average-pool token scores with this kernel before chunking (0: off).
     #[arg(long = "kv-pool", default_value_t = 0)]
     pub pool: usize,
+    /// What scores the cache: the observation window (the prompt's end, its
+    /// question if it has one) or context reconstruction (KVzip: query-agnostic,
+    /// about one more prefill of cost). `kvzip` always reconstructs.
+    /// Default: window; chat documents: reconstruct.
+    #[arg(long = "kv-score", value_enum)]
+    pub score: Option<Scorer>,
 }
 
 impl ChunkArgs {
@@ -285,7 +294,14 @@ pub struct CompressArgs {
 
 impl CompressArgs {
     /// The compressor these flags ask for, or `None` for `--kv-method none`.
-    pub fn compressor(&self, ctx: &Context<'_>) -> Result<Option<Compressor>, CompressError> {
+    /// `turn` says where reconstruction prompts start (an open prompt, or
+    /// after a chat's closed message); `default_score` applies without `--kv-score`.
+    pub fn compressor(
+        &self,
+        ctx: &Context<'_>,
+        turn: TurnState,
+        default_score: Scorer,
+    ) -> Result<Option<Compressor>, CompressError> {
         let Some(policy) = self.policy()? else {
             return Ok(None);
         };
@@ -295,7 +311,14 @@ impl CompressArgs {
         } else {
             1
         };
-        Compressor::new(ctx, policy, self.chunk.window, reuse).map(Some)
+        let score = self.chunk.score.unwrap_or(default_score);
+        let c = Compressor::new(ctx, policy, self.chunk.window, reuse)?;
+        if score == Scorer::Reconstruct || self.method == Method::Kvzip {
+            let rec = Reconstruction::for_model(ctx.model(), turn)
+                .map_err(|e| CompressError::Config(format!("reconstruction prompts: {e}")))?;
+            return Ok(Some(c.with_reconstruction(rec)));
+        }
+        Ok(Some(c))
     }
 
     /// The selection policy these flags ask for, or `None` for `--kv-method none`.

@@ -188,6 +188,36 @@ impl Policy for PyramidKv {
     }
 }
 
+/// KVzip (Kim et al., NeurIPS 2025), token level: context-reconstruction
+/// scores, top per KV head. The same scores `chunkkv --kv-score reconstruct`
+/// ranks by chunk. Budgets are uniform over layers and heads (llama.cpp's
+/// cache has one cell count for all), unlike KVzip's global ranking.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KvZip;
+
+impl Policy for KvZip {
+    fn name(&self) -> &'static str {
+        "kvzip"
+    }
+
+    fn score_rows(&self) -> Option<ScoreRows> {
+        // Scored rows are the reconstruction's, all of them.
+        Some(ScoreRows::All)
+    }
+
+    fn needs_reconstruction(&self) -> bool {
+        true
+    }
+
+    fn select(&self, layer: &LayerCandidates, n_select: usize) -> Vec<Vec<usize>> {
+        layer
+            .heads
+            .iter()
+            .map(|h| top_k(&h.score, n_select))
+            .collect()
+    }
+}
+
 /// A seeded random subset (one set for all heads): the floor any method must beat.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RandomKeep {

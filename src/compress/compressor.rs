@@ -10,10 +10,13 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::policy::{HeadCandidates, LayerCandidates, Policy};
+use super::reconstruct::Reconstruction;
 use super::reuse::ReuseGroups;
 use super::slots::SlotTable;
+use super::Scorer;
 use crate::llama::{
-    CompactError, Context, DeadSlots, DecodeError, KvPart, LayerImportance, Pos, ScoreRows, Token,
+    CompactError, Context, DeadSlots, DecodeError, KvPart, LayerImportance, Pos, ScoreReduce,
+    ScoreRows, Token,
 };
 use crate::pipeline::SEQ;
 
@@ -91,6 +94,8 @@ pub struct Compressor {
     /// KV heads of each compressed storage layer.
     heads: Vec<usize>,
     slots: SlotTable,
+    /// Prompts for query-agnostic scoring, when configured.
+    reconstruction: Option<Reconstruction>,
 }
 
 impl std::fmt::Debug for Compressor {
@@ -166,7 +171,25 @@ impl Compressor {
             layers,
             heads,
             slots: SlotTable::default(),
+            reconstruction: None,
         })
+    }
+
+    /// Scores by context reconstruction ([`Scorer::Reconstruct`]) by default,
+    /// with these prompts. Policies without scores ignore it.
+    pub fn with_reconstruction(mut self, rec: Reconstruction) -> Self {
+        self.reconstruction = Some(rec);
+        self
+    }
+
+    /// How [`Compressor::prefill`] scores: by reconstruction when configured
+    /// (and required by `kvzip`), else by the observation window.
+    pub fn scorer(&self) -> Scorer {
+        if self.reconstruction.is_some() && self.policy.score_rows().is_some() {
+            Scorer::Reconstruct
+        } else {
+            Scorer::Window
+        }
     }
 
     /// The observation window in tokens.
@@ -216,13 +239,17 @@ impl Compressor {
             history: false,
             short: false,
         };
-        self.prefill_inner(ctx, tokens, start, n_keep, keep, budget)
+        let scorer = self.scorer();
+        self.prefill_inner(ctx, tokens, start, n_keep, keep, scorer, budget)
     }
 
     /// [`Compressor::prefill`] for one turn of a conversation whose cache
     /// must stay within `n_keep` cells. It compresses even when `tokens` are
     /// fewer than the window (they then form the window); `keep` says what
-    /// else is kept whole.
+    /// else is kept whole. `scorer` chooses between the turn's own window
+    /// (its question scores the rest) and reconstruction (a document whose
+    /// questions come later); `kvzip` always reconstructs.
+    #[allow(clippy::too_many_arguments)]
     pub fn prefill_turn(
         &mut self,
         ctx: &mut Context<'_>,
@@ -230,8 +257,14 @@ impl Compressor {
         start: Pos,
         n_keep: usize,
         keep: Keep,
+        scorer: Scorer,
         budget: serde_json::Value,
     ) -> Result<Prefilled, CompressError> {
+        let scorer = match scorer {
+            Scorer::Reconstruct if self.scorer() == Scorer::Reconstruct => Scorer::Reconstruct,
+            _ if self.policy.needs_reconstruction() => Scorer::Reconstruct,
+            _ => Scorer::Window,
+        };
         self.prefill_inner(
             ctx,
             tokens,
@@ -241,10 +274,20 @@ impl Compressor {
                 short: true,
                 ..keep
             },
+            scorer,
             budget,
         )
     }
 
+    /// Cells a reconstruction of `chunk` tokens needs on top of the cache
+    /// (0 when this compressor does not reconstruct).
+    pub fn reconstruction_room(&self, chunk: usize) -> usize {
+        self.reconstruction
+            .as_ref()
+            .map_or(0, |r| r.cells_needed(chunk.min(r.chunk)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn prefill_inner(
         &mut self,
         ctx: &mut Context<'_>,
@@ -252,8 +295,12 @@ impl Compressor {
         start: Pos,
         n_keep: usize,
         keep: Keep,
+        scorer: Scorer,
         budget: serde_json::Value,
     ) -> Result<Prefilled, CompressError> {
+        if self.policy.needs_reconstruction() && scorer != Scorer::Reconstruct {
+            return Err(self.no_reconstruction());
+        }
         let t_all = Instant::now();
         let before = stats(ctx)?;
         let n = tokens.len();
@@ -266,14 +313,27 @@ impl Compressor {
 
         let mut ms = StageMs::default();
         let full;
+        // Reconstruction scores what is already in the cache: the head is
+        // prefilled, scored and compacted, then the window goes on top.
+        let reconstruct = scorer == Scorer::Reconstruct && n > w && n_keep > w;
         if !compress {
             ctx.decode_tokens(tokens, start, SEQ, true)?;
             full = stats(ctx)?;
+        } else if reconstruct {
+            let (head, tail) = tokens.split_at(n - w);
+            ctx.decode_tokens(head, start, SEQ, false)?;
+            let t_imp = Instant::now();
+            let importance = self.reconstruct_scores(ctx, head)?;
+            ms.importance = t_imp.elapsed().as_secs_f64() * 1e3;
+            full = with_window(stats(ctx)?, w);
+            (ms.select, ms.compact) =
+                self.select_and_compact(ctx, &importance, keep, n_keep - w)?;
+            ctx.decode_tokens(tail, start + head.len() as Pos, SEQ, true)?;
         } else {
             let (head, tail) = tokens.split_at(n - w);
             if rows == Some(ScoreRows::All) {
                 let leaders = self.leader_flags(ctx);
-                ctx.importance_begin(&leaders, ScoreRows::All);
+                ctx.importance_begin(&leaders, ScoreRows::All, ScoreReduce::Sum);
             }
             let decoded = if head.is_empty() {
                 Ok(())
@@ -301,6 +361,9 @@ impl Compressor {
         n_keep: usize,
         budget: serde_json::Value,
     ) -> Result<Prefilled, CompressError> {
+        if self.policy.needs_reconstruction() {
+            return Err(self.no_reconstruction());
+        }
         if self.policy.score_rows() == Some(ScoreRows::All) {
             return Err(CompressError::Config(format!(
                 "{} scores with every prompt query: use prefill",
@@ -320,7 +383,7 @@ impl Compressor {
         head: &[Token],
     ) -> Result<Vec<LayerImportance>, CompressError> {
         let leaders = self.leader_flags(ctx);
-        ctx.importance_begin(&leaders, ScoreRows::All);
+        ctx.importance_begin(&leaders, ScoreRows::All, ScoreReduce::Sum);
         let decoded = ctx.decode_tokens(head, 0, SEQ, false);
         ctx.importance_end();
         decoded?;
@@ -343,6 +406,48 @@ impl Compressor {
         budget: serde_json::Value,
     ) -> Result<Prefilled, CompressError> {
         self.window_inner(ctx, window, start, n_keep, Some(head), budget)
+    }
+
+    /// Compresses with `scores` computed beforehand on this same cache (by
+    /// [`Reconstruction::score`] for at least the leader layers; eval shares
+    /// one reconstruction among every method and budget), then decodes the
+    /// observation `window` on top.
+    pub fn compress_with_scores(
+        &mut self,
+        ctx: &mut Context<'_>,
+        scores: &[LayerImportance],
+        window: &[Token],
+        start: Pos,
+        n_keep: usize,
+        budget: serde_json::Value,
+    ) -> Result<Prefilled, CompressError> {
+        let t_all = Instant::now();
+        let w = window.len();
+        let total = stats(ctx)?.cells_used as usize + w;
+        if n_keep >= total || n_keep <= w || self.policy.score_rows().is_none() {
+            return self.window_inner(ctx, window, start, n_keep, None, budget);
+        }
+        let leaders: Vec<LayerImportance> = self
+            .leader_layers()
+            .into_iter()
+            .map(|il| {
+                scores
+                    .iter()
+                    .find(|s| s.layer == il)
+                    .cloned()
+                    .ok_or(CompressError::NoImportance(il))
+            })
+            .collect::<Result<_, _>>()?;
+        let full = with_window(stats(ctx)?, w);
+        let keep = Keep {
+            from: Pos::MAX,
+            history: false,
+            short: false,
+        };
+        let mut ms = StageMs::default();
+        (ms.select, ms.compact) = self.select_and_compact(ctx, &leaders, keep, n_keep - w)?;
+        ctx.decode_tokens(window, start, SEQ, true)?;
+        self.finish(ctx, t_all, true, w, budget, full, ms)
     }
 
     /// The window on top of the cache, then compression unless everything fits.
@@ -437,12 +542,12 @@ impl Compressor {
         match rows {
             Some(ScoreRows::Last(_)) => {
                 let leaders = self.leader_flags(ctx);
-                ctx.importance_begin(&leaders, ScoreRows::Last(w as u32));
+                ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), ScoreReduce::Sum);
             }
             // Every query scores: the head's share comes from `prior`.
             Some(ScoreRows::All) if prior.is_some() => {
                 let leaders = self.leader_flags(ctx);
-                ctx.importance_begin(&leaders, ScoreRows::All);
+                ctx.importance_begin(&leaders, ScoreRows::All, ScoreReduce::Sum);
             }
             _ => {}
         }
@@ -468,14 +573,49 @@ impl Compressor {
         }
         ms.importance = t_imp.elapsed().as_secs_f64() * 1e3;
         let full = stats(ctx)?;
-
-        let t_sel = Instant::now();
         let keep = Keep {
             from: tail_start.min(keep.from),
             ..keep
         };
-        let sel = self.select(ctx, &importance, keep, n_keep)?;
-        ms.select = t_sel.elapsed().as_secs_f64() * 1e3;
+        (ms.select, ms.compact) = self.select_and_compact(ctx, &importance, keep, n_keep)?;
+        Ok((ms, full))
+    }
+
+    /// Reconstruction scores of the leader layers, `head` being the fresh
+    /// tokens just prefilled.
+    fn reconstruct_scores(
+        &self,
+        ctx: &mut Context<'_>,
+        head: &[Token],
+    ) -> Result<Vec<LayerImportance>, CompressError> {
+        let rec = self
+            .reconstruction
+            .as_ref()
+            .ok_or_else(|| self.no_reconstruction())?;
+        let leaders = self.leader_flags(ctx);
+        rec.score(ctx, SEQ, head, &leaders)
+    }
+
+    fn no_reconstruction(&self) -> CompressError {
+        CompressError::Config(format!(
+            "{} scores by context reconstruction, which this compressor was not given \
+             (Compressor::with_reconstruction)",
+            self.policy.name()
+        ))
+    }
+
+    /// Selects with `importance` (one entry per leader layer, by cell) and
+    /// compacts; returns the milliseconds of each.
+    fn select_and_compact(
+        &mut self,
+        ctx: &mut Context<'_>,
+        importance: &[LayerImportance],
+        keep: Keep,
+        n_keep: usize,
+    ) -> Result<(f64, f64), CompressError> {
+        let t_sel = Instant::now();
+        let sel = self.select(ctx, importance, keep, n_keep)?;
+        let select_ms = t_sel.elapsed().as_secs_f64() * 1e3;
 
         let t_compact = Instant::now();
         // Slot metadata (one position per slot, for the causal mask) comes
@@ -496,8 +636,7 @@ impl Compressor {
             .collect();
         ctx.set_dead_slots(&dead)?;
         self.slots.replace(sel.kept_pos);
-        ms.compact = t_compact.elapsed().as_secs_f64() * 1e3;
-        Ok((ms, full))
+        Ok((select_ms, t_compact.elapsed().as_secs_f64() * 1e3))
     }
 
     fn leader_flags(&self, ctx: &Context<'_>) -> Vec<bool> {
@@ -686,6 +825,20 @@ impl Compressor {
                 })
             })
             .collect()
+    }
+}
+
+/// Statistics of a cache as they would be with `w` more cells in use (the
+/// window that reconstruction scoring decodes after compaction).
+fn with_window(s: crate::llama::KvStats, w: usize) -> crate::llama::KvStats {
+    let per_cell = s.bytes_allocated / u64::from(s.size.max(1));
+    let cells = s.cells_used + w as u32;
+    crate::llama::KvStats {
+        cells_used: cells,
+        bytes_live: s.bytes_live + per_cell * w as u64,
+        // llama.cpp's attention width: used cells padded to 256, within the cache.
+        attn_width: (cells.div_ceil(256) * 256).clamp(256.min(s.size), s.size),
+        ..s
     }
 }
 

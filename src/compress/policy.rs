@@ -45,6 +45,11 @@ pub trait Policy: Send + Sync {
     /// Which queries must score the keys, or `None` if the policy needs no scores.
     fn score_rows(&self) -> Option<ScoreRows>;
 
+    /// Whether the policy is defined on reconstruction scores (`kvzip`).
+    fn needs_reconstruction(&self) -> bool {
+        false
+    }
+
     /// Tokens per chunk the candidates are grouped into (1: single tokens).
     fn chunk_size(&self) -> usize {
         1

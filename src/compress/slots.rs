@@ -37,6 +37,15 @@ impl SlotTable {
         }
     }
 
+    /// Positions kept in slots `0..` of storage layer `layer`, head `head`
+    /// (-1: a dead slot); empty before the first compaction.
+    pub fn positions(&self, layer: usize, head: usize) -> &[Pos] {
+        self.pos
+            .get(layer)
+            .and_then(|l| l.get(head))
+            .map_or(&[], Vec::as_slice)
+    }
+
     /// Dead slots (holding no token) per storage layer, averaged over layers.
     pub fn mean_dead(&self) -> f64 {
         if self.pos.is_empty() {

@@ -1,10 +1,15 @@
 //! `chunkkv eval`: answer quality under every compression method and budget.
 //!
-//! Each sample is prefilled once (all but the observation window); every
-//! method and budget restores that state, compresses with the window and
-//! answers greedily, so the grid costs one prefill per sample plus the
-//! answers. H2O's scores from every prompt query are collected during that
-//! prefill when H2O is in the grid.
+//! Each prompt is prefilled once (all but the observation window); every
+//! method and budget restores that state, compresses and answers greedily,
+//! so the grid costs one prefill per prompt plus the answers. H2O's scores
+//! from every prompt query are collected during that prefill, and one
+//! reconstruction scores every layer for the methods that use it.
+//!
+//! Two modes: the question inside the prompt (its window scores the cache),
+//! or query-agnostic (`--query-agnostic`): the context is compressed before
+//! any question exists, then each question is decoded on top of the same
+//! compressed state, as in a chat about a loaded document.
 
 pub mod report;
 pub mod score;
@@ -12,14 +17,17 @@ pub mod tasks;
 
 use crate::bench::ctx_size;
 use crate::compare::{kl_divergence, log_softmax};
-use crate::compress::{Budget, ChunkKv, CompressError, Compressor, Method};
+use crate::compress::{
+    Budget, ChunkKv, CompressError, Compressor, Method, MethodSpec, Reconstruction, Scorer,
+    TurnState,
+};
 use crate::llama::{
-    Batch, ChatMessage, Context, ContextError, ContextParams, DecodeError, Model, Sampler,
+    Batch, ChatMessage, Context, ContextError, ContextParams, DecodeError, KvPart, Model, Sampler,
     SamplingParams, StateError, Token, TokenizeError,
 };
 use crate::pipeline::{self, PipelineError, SEQ};
 pub use score::Scoring;
-pub use tasks::Sample;
+pub use tasks::{Question, Sample};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -52,32 +60,46 @@ pub enum EvalError {
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
     /// Compressing methods (the full cache always runs first).
-    pub methods: Vec<Method>,
+    pub methods: Vec<MethodSpec>,
     pub budgets: Vec<Budget>,
     /// ChunkKV's shape; the baselines take its window.
     pub chunk: ChunkKv,
     /// ChunkKV's reuse group size (baselines score every layer).
     pub reuse: usize,
     pub seed: u64,
+    /// Scorer of methods that name none (`--kv-score`).
+    pub scorer: Scorer,
+    /// Compress the context before the question is appended (`--query-agnostic`).
+    pub query_agnostic: bool,
 }
 
 impl EvalConfig {
     /// `(method, budget)` of every configuration, the full cache first.
-    pub fn configs(&self) -> Vec<(Method, Option<Budget>)> {
-        let mut out = vec![(Method::None, None)];
-        for &m in self.methods.iter().filter(|&&m| m != Method::None) {
+    pub fn configs(&self) -> Vec<(MethodSpec, Option<Budget>)> {
+        let full = MethodSpec {
+            method: Method::None,
+            scorer: None,
+        };
+        let mut out = vec![(full, None)];
+        for &m in self.methods.iter().filter(|m| m.method != Method::None) {
             for &b in &self.budgets {
                 out.push((m, Some(b)));
             }
         }
         out
     }
+
+    /// Results (sample × question) one sample yields.
+    pub fn runs(&self, sample: &Sample) -> usize {
+        self.configs().len() * sample.questions.len().max(1)
+    }
 }
 
-/// One sample under one configuration.
+/// One question of one sample under one configuration.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SampleResult {
     pub task: String,
+    /// The sample's id; `#j` marks question j of several.
     pub id: String,
     pub method: String,
     /// The budget as given (`none`: 1.0).
@@ -94,21 +116,63 @@ pub struct SampleResult {
     pub n_prompt: usize,
 }
 
-/// The prompt of a sample: the chat template over context and question, or
-/// plain text (fidelity, or models without a template).
-pub fn prompt_text(model: &Model, s: &Sample) -> String {
+/// The task label of results: query-agnostic runs are a task of their own,
+/// so both modes sit side by side in one report.
+pub fn task_label(task: &str, query_agnostic: bool) -> String {
+    if query_agnostic {
+        format!("{task} (agnostic)")
+    } else {
+        task.to_string()
+    }
+}
+
+/// The prompt of a sample with one question: the chat template over context
+/// and question, or plain text (fidelity, or models without a template).
+pub fn prompt_text(model: &Model, s: &Sample, q: &Question) -> String {
     if s.scoring == Scoring::Fidelity {
         return s.context.clone();
     }
-    let user = format!("{}\n\n{}", s.context, s.question);
+    let user = format!("{}\n\n{}", s.context, q.text);
     model
         .apply_chat_template(&[ChatMessage::new("user", &user)], true)
         .unwrap_or_else(|_| format!("{user}\n"))
 }
 
-/// Tokens of a sample's prompt and how many tokens its answer needs.
-pub fn sample_tokens(model: &Model, s: &Sample) -> Result<(Vec<Token>, Vec<Token>), EvalError> {
-    let tokens = model.tokenize(&prompt_text(model, s), true, true)?;
+/// A prompt cut where the question begins: the context inside an open user
+/// message, then what each question adds (`\n\n`, the question, the close of
+/// the message and the assistant's opening).
+pub fn split_prompt(model: &Model, s: &Sample) -> (String, Vec<String>) {
+    const MARK: &str = "\u{1}chunkkv-question\u{1}";
+    let marked = prompt_text(
+        model,
+        s,
+        &Question {
+            text: MARK.into(),
+            answers: Vec::new(),
+            max_answer: 0,
+        },
+    );
+    let (context, after) = marked
+        .split_once(MARK)
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .unwrap_or_else(|| (marked.clone(), String::new()));
+    // `context` ends with the "\n\n" before the question: that goes with each question.
+    let context = context.strip_suffix("\n\n").unwrap_or(&context).to_string();
+    let questions = s
+        .questions
+        .iter()
+        .map(|q| format!("\n\n{}{after}", q.text))
+        .collect();
+    (context, questions)
+}
+
+/// Tokens of a sample's prompt with question `j`, and of its continuation.
+pub fn sample_tokens(
+    model: &Model,
+    s: &Sample,
+    j: usize,
+) -> Result<(Vec<Token>, Vec<Token>), EvalError> {
+    let tokens = model.tokenize(&prompt_text(model, s, &s.questions[j]), true, true)?;
     let cont = match &s.continuation {
         Some(c) => model.tokenize(c, false, false)?,
         None => Vec::new(),
@@ -116,12 +180,14 @@ pub fn sample_tokens(model: &Model, s: &Sample) -> Result<(Vec<Token>, Vec<Token
     Ok((tokens, cont))
 }
 
-/// The context size that fits every sample and its answer.
+/// The context size that fits every sample, question and answer.
 pub fn needed_ctx(model: &Model, samples: &[Sample]) -> Result<u32, EvalError> {
     let mut most = 0;
     for s in samples {
-        let (t, c) = sample_tokens(model, s)?;
-        most = most.max(t.len() + s.max_answer.max(c.len()) + 1);
+        for (j, q) in s.questions.iter().enumerate() {
+            let (t, c) = sample_tokens(model, s, j)?;
+            most = most.max(t.len() + q.max_answer.max(c.len()) + 1);
+        }
     }
     Ok(ctx_size(most))
 }
@@ -166,15 +232,64 @@ fn argmax(x: &[f64]) -> usize {
     (0..x.len()).fold(0, |b, i| if x[i] > x[b] { i } else { b })
 }
 
-/// Runs one sample through every configuration on `ctx` (sized by [`needed_ctx`]).
+/// Runs one sample through every configuration on `ctx` (sized by
+/// [`needed_ctx`]): with the question in the prompt (each question its own
+/// prompt), or, query-agnostic, with the context compressed once per
+/// configuration and every question asked of that compressed state.
 pub fn run_sample(
     ctx: &mut Context<'_>,
     sample: &Sample,
     cfg: &EvalConfig,
-    mut on_config: impl FnMut(&SampleResult),
+    mut on_result: impl FnMut(&SampleResult),
 ) -> Result<Vec<SampleResult>, EvalError> {
-    let model = ctx.model();
-    let (tokens, cont) = sample_tokens(model, sample)?;
+    let agnostic = cfg.query_agnostic && sample.scoring != Scoring::Fidelity;
+    let mut out = Vec::new();
+    if agnostic {
+        let model = ctx.model();
+        let (context, questions) = split_prompt(model, sample);
+        let tokens = model.tokenize(&context, true, true)?;
+        let asks: Vec<Vec<Token>> = questions
+            .iter()
+            .map(|q| model.tokenize(q, false, true))
+            .collect::<Result<_, _>>()?;
+        run_prompt(ctx, sample, cfg, &tokens, &asks, &[], &mut |r| {
+            on_result(&r);
+            out.push(r);
+        })?;
+    } else {
+        for j in 0..sample.questions.len() {
+            let (tokens, cont) = sample_tokens(ctx.model(), sample, j)?;
+            run_prompt(ctx, sample, cfg, &tokens, &[], &cont, &mut |mut r| {
+                if sample.questions.len() > 1 {
+                    r.id = format!("{}#{j}", sample.id);
+                }
+                // With the question in the prompt, the one asked is `j`.
+                r.score = if sample.scoring == Scoring::Fidelity {
+                    r.score
+                } else {
+                    score::score(sample.scoring, &r.output, &sample.questions[j].answers)
+                };
+                on_result(&r);
+                out.push(r);
+            })?;
+        }
+    }
+    ctx.memory_clear(true);
+    Ok(out)
+}
+
+/// Scores a decoded answer to question `j` (query-agnostic: `asks[j]` was
+/// decoded after compression; otherwise the question is in the prompt).
+#[allow(clippy::too_many_arguments)]
+fn run_prompt(
+    ctx: &mut Context<'_>,
+    sample: &Sample,
+    cfg: &EvalConfig,
+    tokens: &[Token],
+    asks: &[Vec<Token>],
+    cont: &[Token],
+    emit: &mut dyn FnMut(SampleResult),
+) -> Result<(), EvalError> {
     let n = tokens.len();
     let w = cfg.chunk.window;
     if n <= w + 1 {
@@ -184,60 +299,75 @@ pub fn run_sample(
             w,
         });
     }
-    let answer = sample.max_answer.max(cont.len());
-    if n + answer + 1 > ctx.n_ctx() as usize {
+    let ask_len = asks.iter().map(Vec::len).max().unwrap_or(0);
+    let answer = sample
+        .questions
+        .iter()
+        .map(|q| q.max_answer)
+        .max()
+        .unwrap_or(0)
+        .max(cont.len());
+    if n + ask_len + answer + 1 > ctx.n_ctx() as usize {
         return Err(EvalError::TooLong {
             id: sample.id.clone(),
-            n,
+            n: n + ask_len,
             answer,
             n_ctx: ctx.n_ctx(),
         });
     }
     let (head, window) = tokens.split_at(n - w);
     ctx.memory_clear(true);
-    // H2O's head scores (every prompt query) come from this one prefill too.
-    let head_scores = if cfg.methods.contains(&Method::H2o) {
+    // Shared by every configuration: one prefill of the head; H2O's scores
+    // from every query of it; one reconstruction scoring every layer.
+    let configs = cfg.configs();
+    let head_scores = if configs.iter().any(|(m, _)| m.method == Method::H2o) {
         let scorer = Compressor::new(ctx, Method::H2o.policy(&cfg.chunk, cfg.seed)?, w, 1)?;
         scorer.prefill_head_scored(ctx, head)?
     } else {
         ctx.decode_tokens(head, 0, SEQ, false)?;
         Vec::new()
     };
+    let rec_scores = if configs
+        .iter()
+        .any(|(m, b)| b.is_some() && m.scorer_or(cfg.scorer) == Scorer::Reconstruct)
+    {
+        let rec = Reconstruction::for_model(ctx.model(), TurnState::Open)?;
+        let layers = ctx.kv_layers(KvPart::Base);
+        let mut flags = vec![false; ctx.model().n_layer() as usize];
+        for il in layers {
+            flags[il as usize] = true;
+        }
+        rec.score(ctx, SEQ, head, &flags)?
+    } else {
+        Vec::new()
+    };
     let head_state = ctx.state_seq_get(SEQ)?;
 
     let mut teacher: Option<Teacher> = None;
-    let mut out = Vec::new();
-    for (method, budget) in cfg.configs() {
+    for (spec, budget) in configs {
         ctx.memory_clear(true);
-        match (method, budget) {
-            (Method::None, _) | (_, None) => {
-                ctx.state_seq_set(SEQ, &head_state)?;
-                ctx.decode_tokens(window, (n - w) as i32, SEQ, true)?;
-            }
-            (m, Some(b)) => {
+        ctx.state_seq_set(SEQ, &head_state)?;
+        match budget {
+            None => ctx.decode_tokens(window, (n - w) as i32, SEQ, true)?,
+            Some(b) => {
+                let m = spec.method;
                 let reuse = if m == Method::Chunkkv { cfg.reuse } else { 1 };
-                let policy = m.policy(&cfg.chunk, cfg.seed)?;
-                let mut c = Compressor::new(ctx, policy, w, reuse)?;
+                let mut c = Compressor::new(ctx, m.policy(&cfg.chunk, cfg.seed)?, w, reuse)?;
                 let n_keep = b.cells_for(n).max(1);
-                ctx.state_seq_set(SEQ, &head_state)?;
-                if m == Method::H2o {
-                    c.compress_window_with(
-                        ctx,
-                        window,
-                        (n - w) as i32,
-                        n_keep,
-                        &head_scores,
-                        b.json(),
-                    )?;
+                let at = (n - w) as i32;
+                if spec.scorer_or(cfg.scorer) == Scorer::Reconstruct && m.scores() {
+                    c.compress_with_scores(ctx, &rec_scores, window, at, n_keep, b.json())?;
+                } else if m == Method::H2o {
+                    c.compress_window_with(ctx, window, at, n_keep, &head_scores, b.json())?;
                 } else {
-                    c.compress_window(ctx, window, (n - w) as i32, n_keep, b.json())?;
+                    c.compress_window(ctx, window, at, n_keep, b.json())?;
                 }
             }
         }
-        let mut r = SampleResult {
-            task: sample.task.clone(),
+        let base = SampleResult {
+            task: task_label(&sample.task, !asks.is_empty()),
             id: sample.id.clone(),
-            method: method.name().to_string(),
+            method: spec.label(cfg.scorer),
             budget: budget.map_or(serde_json::json!(1.0), Budget::json),
             score: 0.0,
             output: String::new(),
@@ -248,41 +378,71 @@ pub fn run_sample(
         };
         if sample.scoring == Scoring::Fidelity {
             let first = ctx.logits_ith(-1).ok_or(DecodeError::Fatal(-100))?.to_vec();
-            let lp = teacher_force(ctx, &first, n, &cont)?;
+            let lp = teacher_force(ctx, &first, n, cont)?;
             let nll: f64 = -lp
                 .iter()
-                .zip(&cont)
+                .zip(cont)
                 .map(|(l, t)| l[t.0 as usize])
                 .sum::<f64>()
                 / cont.len().max(1) as f64;
-            r.ppl = Some(nll.exp());
             let reference = teacher.get_or_insert_with(|| Teacher {
                 logprobs: lp.clone(),
             });
             let k = reference.logprobs.len().min(lp.len()).max(1);
-            r.kl = Some(
-                (0..k)
-                    .map(|i| kl_divergence(&reference.logprobs[i], &lp[i]))
-                    .sum::<f64>()
+            emit(SampleResult {
+                ppl: Some(nll.exp()),
+                kl: Some(
+                    (0..k)
+                        .map(|i| kl_divergence(&reference.logprobs[i], &lp[i]))
+                        .sum::<f64>()
+                        / k as f64,
+                ),
+                // Score: top-1 agreement with the full cache's next-token choice.
+                score: (0..k)
+                    .filter(|&i| argmax(&reference.logprobs[i]) == argmax(&lp[i]))
+                    .count() as f64
                     / k as f64,
-            );
-            // Score: top-1 agreement with the full cache's next-token choice.
-            r.score = (0..k)
-                .filter(|&i| argmax(&reference.logprobs[i]) == argmax(&lp[i]))
-                .count() as f64
-                / k as f64;
-        } else {
+                ..base
+            });
+        } else if asks.is_empty() {
             let mut greedy = Sampler::new(&SamplingParams::greedy());
+            let q = &sample.questions[0];
             let (_, text, _, _) =
-                pipeline::decode(ctx, &mut greedy, n as i32, sample.max_answer, |_| {})?;
-            r.score = score::score(sample.scoring, &text, &sample.answers);
-            r.output = text;
+                pipeline::decode(ctx, &mut greedy, n as i32, q.max_answer, |_| {})?;
+            // The caller scores against the question in the prompt.
+            emit(SampleResult {
+                output: text,
+                ..base
+            });
+        } else {
+            // Every question from the same compressed state.
+            let state = ctx.state_seq_get(SEQ)?;
+            let dead = ctx.dead_slots().to_vec();
+            for (j, (ask, q)) in asks.iter().zip(&sample.questions).enumerate() {
+                if j > 0 {
+                    ctx.memory_clear(true);
+                    ctx.state_seq_set(SEQ, &state)?;
+                    ctx.set_dead_slots(&dead).map_err(CompressError::from)?;
+                }
+                ctx.decode_tokens(ask, n as i32, SEQ, true)?;
+                let mut greedy = Sampler::new(&SamplingParams::greedy());
+                let at = (n + ask.len()) as i32;
+                let (_, text, _, _) = pipeline::decode(ctx, &mut greedy, at, q.max_answer, |_| {})?;
+                let id = if asks.len() > 1 {
+                    format!("{}#{j}", sample.id)
+                } else {
+                    sample.id.clone()
+                };
+                emit(SampleResult {
+                    id,
+                    score: score::score(sample.scoring, &text, &q.answers),
+                    output: text,
+                    ..base.clone()
+                });
+            }
         }
-        on_config(&r);
-        out.push(r);
     }
-    ctx.memory_clear(true);
-    Ok(out)
+    Ok(())
 }
 
 /// A context for a sample grid: `n_ctx` cells, flash attention as asked.

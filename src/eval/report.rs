@@ -145,29 +145,40 @@ pub fn verdict(chunkkv: &Aggregate, other: &Aggregate) -> Verdict {
     }
 }
 
-/// The head-to-head section: ChunkKV against every other compressing method,
-/// per task and budget, and the tally.
+/// The head-to-head sections: each ChunkKV variant (`chunkkv`,
+/// `chunkkv:reconstruct`) against every other compressing method, per task
+/// and budget, and the tally.
 fn versus(aggs: &[Aggregate]) -> String {
+    let mut variants: Vec<&str> = Vec::new();
+    for a in aggs {
+        if a.method.starts_with("chunkkv") && !variants.contains(&a.method.as_str()) {
+            variants.push(&a.method);
+        }
+    }
+    variants.into_iter().map(|v| versus_one(aggs, v)).collect()
+}
+
+fn versus_one(aggs: &[Aggregate], variant: &str) -> String {
     let mut md = String::new();
-    let ours: Vec<&Aggregate> = aggs.iter().filter(|a| a.method == "chunkkv").collect();
+    let ours: Vec<&Aggregate> = aggs.iter().filter(|a| a.method == variant).collect();
     let mut rivals: Vec<&str> = Vec::new();
     for a in aggs {
-        if !matches!(a.method.as_str(), "none" | "chunkkv") && !rivals.contains(&a.method.as_str())
-        {
+        if a.method != "none" && a.method != variant && !rivals.contains(&a.method.as_str()) {
             rivals.push(&a.method);
         }
     }
     if ours.is_empty() || rivals.is_empty() {
         return md;
     }
+    let title = if variant == "chunkkv" {
+        "ChunkKV".to_string()
+    } else {
+        format!("ChunkKV ({})", variant.trim_start_matches("chunkkv:"))
+    };
+    let _ = writeln!(md, "## {title} against each baseline\n");
     let _ = writeln!(
         md,
-        "## ChunkKV against each baseline
-"
-    );
-    let _ = writeln!(
-        md,
-        "Each cell: ChunkKV's score minus the baseline's, in points, and the verdict. A gap \
+        "Each cell: {title}'s score minus the baseline's, in points, and the verdict. A gap \
          counts as a win or loss when it is more than one sample's worth (100/n points); \
          fidelity compares the mean KL from the full cache instead (lower is better, within \
          {:.0}% is a tie). Tasks whose full-cache score is below {CAPABLE} are left out: the \
@@ -605,7 +616,7 @@ pub fn plots(
             series,
             full,
         };
-        let base = dir.join(format!("score-vs-budget-{task}"));
+        let base = dir.join(format!("score-vs-budget-{}", file_slug(task)));
         std::fs::write(base.with_extension("svg"), lines_svg(&plot))?;
         written.push(base.with_extension("svg"));
         if png {
@@ -616,12 +627,15 @@ pub fn plots(
         }
     }
 
-    // NIAH heatmaps, one per method and budget.
+    // NIAH heatmaps, one per task (mode), method and budget.
     let niah: Vec<&SampleResult> = samples.iter().filter(|s| s.cell.is_some()).collect();
-    let mut configs: Vec<(&str, serde_json::Value)> = Vec::new();
+    let mut configs: Vec<(&str, &str, serde_json::Value)> = Vec::new();
     for s in &niah {
-        if !configs.iter().any(|c| c.0 == s.method && c.1 == s.budget) {
-            configs.push((&s.method, s.budget.clone()));
+        if !configs
+            .iter()
+            .any(|c| c.0 == s.task && c.1 == s.method && c.2 == s.budget)
+        {
+            configs.push((&s.task, &s.method, s.budget.clone()));
         }
     }
     let mut lengths: Vec<usize> = niah.iter().map(|s| s.cell.unwrap().0).collect();
@@ -630,7 +644,7 @@ pub fn plots(
     let mut depths: Vec<f64> = niah.iter().map(|s| s.cell.unwrap().1).collect();
     depths.sort_by(f64::total_cmp);
     depths.dedup();
-    for (method, budget) in configs {
+    for (task, method, budget) in configs {
         let values = depths
             .iter()
             .map(|&d| {
@@ -640,7 +654,10 @@ pub fn plots(
                         let v: Vec<f64> = niah
                             .iter()
                             .filter(|s| {
-                                s.method == method && s.budget == budget && s.cell == Some((l, d))
+                                s.task == task
+                                    && s.method == method
+                                    && s.budget == budget
+                                    && s.cell == Some((l, d))
                             })
                             .map(|s| s.score)
                             .collect();
@@ -651,7 +668,7 @@ pub fn plots(
             .collect();
         let label = budget_label(&budget, method);
         let plot = Heat {
-            title: format!("NIAH, {method} {label}"),
+            title: format!("{}, {method} {label}", task.replacen("niah", "NIAH", 1)),
             lengths: lengths.clone(),
             depths: depths.clone(),
             values,
@@ -664,7 +681,7 @@ pub fn plots(
                 _ => '_',
             })
             .collect();
-        let base = dir.join(format!("niah-{method}-{slug}"));
+        let base = dir.join(format!("{}-{}-{slug}", file_slug(task), file_slug(method)));
         std::fs::write(base.with_extension("svg"), heat_svg(&plot))?;
         written.push(base.with_extension("svg"));
         if png {
@@ -675,6 +692,22 @@ pub fn plots(
         }
     }
     Ok(written)
+}
+
+/// A name safe in file names: letters, digits and `-`, the rest `_` (runs collapsed).
+fn file_slug(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        let c = if c.is_ascii_alphanumeric() || c == '-' {
+            c
+        } else {
+            '_'
+        };
+        if !(c == '_' && out.ends_with('_')) {
+            out.push(c);
+        }
+    }
+    out.trim_matches('_').to_string()
 }
 
 #[cfg(test)]

@@ -32,17 +32,34 @@ pub enum TaskError {
     Tokenize(#[from] crate::llama::TokenizeError),
 }
 
-/// One question over one context.
+/// A question about a sample's context and what answers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Question {
+    pub text: String,
+    pub answers: Vec<String>,
+    /// Tokens to generate for the answer.
+    pub max_answer: usize,
+}
+
+impl Question {
+    fn new(text: impl Into<String>, answers: Vec<String>, max_answer: usize) -> Question {
+        Question {
+            text: text.into(),
+            answers,
+            max_answer,
+        }
+    }
+}
+
+/// One context and the questions asked of it (one, or `--questions N`
+/// planted facts, each asked separately).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     pub task: String,
     pub id: String,
     pub context: String,
-    pub question: String,
-    pub answers: Vec<String>,
+    pub questions: Vec<Question>,
     pub scoring: Scoring,
-    /// Tokens to generate for the answer.
-    pub max_answer: usize,
     /// NIAH grid cell: (context length in tokens, needle depth in [0, 1]).
     pub cell: Option<(usize, f64)>,
     /// Fidelity: the natural continuation to teacher-force after the context.
@@ -58,6 +75,8 @@ pub struct TaskConfig {
     /// Target context length in tokens.
     pub length: usize,
     pub samples: usize,
+    /// Facts planted per context, each asked separately (NIAH, passkey, RULER).
+    pub questions: usize,
     pub seed: u64,
     pub data: PathBuf,
 }
@@ -166,26 +185,87 @@ fn depths(n: usize) -> Vec<f64> {
     (0..n).map(|i| i as f64 / (n - 1) as f64).collect()
 }
 
-/// Needle in a haystack of essays: lengths L/4, L/2, L × `samples` depths.
+/// Facts hidden in NIAH haystacks: the standard needle first, then others
+/// for `--questions N` (fact, question, key words of the answer).
+const NEEDLES: &[(&str, &str, &[&str])] = &[
+    (
+        "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
+        "What is the best thing to do in San Francisco?",
+        &["sandwich", "Dolores Park"],
+    ),
+    (
+        "The secret ingredient in Aunt Maria's soup is smoked paprika.",
+        "What is the secret ingredient in Aunt Maria's soup?",
+        &["paprika"],
+    ),
+    (
+        "The lighthouse keeper's dog is named Biscuit.",
+        "What is the name of the lighthouse keeper's dog?",
+        &["Biscuit"],
+    ),
+    (
+        "The password to the old library vault is tangerine42.",
+        "What is the password to the old library vault?",
+        &["tangerine42"],
+    ),
+    (
+        "Captain Ortega's ship is called the Silver Heron.",
+        "What is Captain Ortega's ship called?",
+        &["Silver Heron"],
+    ),
+    (
+        "The chess club meets every Thursday in room 314.",
+        "In which room does the chess club meet?",
+        &["314"],
+    ),
+    (
+        "The rarest exhibit in the harbor museum is a violin carved from black walnut.",
+        "What is the violin in the harbor museum carved from?",
+        &["walnut"],
+    ),
+    (
+        "The kite festival in Windmere is held on the first Sunday of October.",
+        "In which month is the kite festival in Windmere held?",
+        &["October"],
+    ),
+];
+
+/// A depth in [0, 1) in thousandths.
+fn random_depth(rng: &mut Rng) -> f64 {
+    rng.below(1000) as f64 / 1000.0
+}
+
+/// Needle in a haystack of essays: lengths L/4, L/2, L × `samples` depths;
+/// with `questions` > 1 more needles at random depths, each asked alone.
 fn niah(model: &Model, cfg: &TaskConfig) -> Result<Vec<Sample>, TaskError> {
     let corpus = essays(model, &cfg.data, "niah")?;
     let mut rng = Rng::new(cfg.seed);
-    let needle = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.";
+    let n_q = cfg.questions.clamp(1, NEEDLES.len());
     let mut out = Vec::new();
     let mut lengths = vec![cfg.length / 4, cfg.length / 2, cfg.length];
     lengths.dedup();
     for &len in &lengths {
         for d in depths(cfg.samples.max(1)) {
             let hay = haystack(model, &corpus, len, &mut rng);
+            let mut context = insert_at_depth(&hay, NEEDLES[0].0, d);
+            for (fact, _, _) in &NEEDLES[1..n_q] {
+                context = insert_at_depth(&context, fact, random_depth(&mut rng));
+            }
             out.push(Sample {
                 task: "niah".into(),
                 id: format!("niah-{len}-{:.0}", d * 100.0),
-                context: insert_at_depth(&hay, needle, d),
-                question: "What is the best thing to do in San Francisco? Answer in one sentence."
-                    .into(),
-                answers: vec!["sandwich".into(), "Dolores Park".into()],
+                context,
+                questions: NEEDLES[..n_q]
+                    .iter()
+                    .map(|(_, q, a)| {
+                        Question::new(
+                            format!("{q} Answer in one sentence."),
+                            a.iter().map(|s| s.to_string()).collect(),
+                            32,
+                        )
+                    })
+                    .collect(),
                 scoring: Scoring::ContainsAll,
-                max_answer: 32,
                 cell: Some((len, d)),
                 continuation: None,
             });
@@ -203,27 +283,60 @@ fn filler(model: &Model, n_tokens: usize) -> Result<String, TaskError> {
     Ok(vec![FILLER; n_tokens / per + 1].join(" "))
 }
 
-/// A 5-digit pass key hidden in filler at spread depths.
+/// Doors whose pass keys `--questions N` plants.
+const DOORS: &[&str] = &[
+    "red", "blue", "green", "yellow", "silver", "golden", "black", "white",
+];
+
+/// A 5-digit pass key hidden in filler at spread depths (with `questions` > 1:
+/// the keys of several doors, each asked alone).
 fn passkey(model: &Model, cfg: &TaskConfig) -> Result<Vec<Sample>, TaskError> {
     let mut rng = Rng::new(cfg.seed ^ 0x5055);
     let hay = filler(model, cfg.length)?;
+    let n_q = cfg.questions.clamp(1, DOORS.len());
     depths(cfg.samples.max(1))
         .into_iter()
         .enumerate()
         .map(|(i, d)| {
             let key = 10_000 + rng.below(90_000);
-            let needle = format!("The pass key is {key}. Remember it. {key} is the pass key.");
+            let lead = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it.";
+            if n_q == 1 {
+                let needle = format!("The pass key is {key}. Remember it. {key} is the pass key.");
+                return Ok(Sample {
+                    task: "passkey".into(),
+                    id: format!("passkey-{i}"),
+                    context: format!("{lead}\n{}", insert_at_depth(&hay, &needle, d)),
+                    questions: vec![Question::new(
+                        "What is the pass key? The pass key is",
+                        vec![key.to_string()],
+                        12,
+                    )],
+                    scoring: Scoring::Number,
+                    cell: None,
+                    continuation: None,
+                });
+            }
+            let mut text = hay.clone();
+            let mut questions = Vec::new();
+            for (j, door) in DOORS[..n_q].iter().enumerate() {
+                let key = if j == 0 { key } else { 10_000 + rng.below(90_000) };
+                let needle = format!(
+                    "The pass key of the {door} door is {key}. Remember it. {key} is the pass key of the {door} door."
+                );
+                let depth = if j == 0 { d } else { random_depth(&mut rng) };
+                text = insert_at_depth(&text, &needle, depth);
+                questions.push(Question::new(
+                    format!("What is the pass key of the {door} door? The pass key of the {door} door is"),
+                    vec![key.to_string()],
+                    12,
+                ));
+            }
             Ok(Sample {
                 task: "passkey".into(),
                 id: format!("passkey-{i}"),
-                context: format!(
-                    "There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n{}",
-                    insert_at_depth(&hay, &needle, d)
-                ),
-                question: "What is the pass key? The pass key is".into(),
-                answers: vec![key.to_string()],
+                context: format!("{lead}\n{text}"),
+                questions,
                 scoring: Scoring::Number,
-                max_answer: 12,
                 cell: None,
                 continuation: None,
             })
@@ -240,99 +353,131 @@ fn magic(rng: &mut Rng) -> String {
     (1_000_000 + rng.below(9_000_000)).to_string()
 }
 
-/// RULER-style: multi-key NIAH, multi-value NIAH and variable tracking.
+/// `n` distinct key words.
+fn key_words(rng: &mut Rng, n: usize) -> Vec<&'static str> {
+    let mut keys: Vec<&str> = Vec::new();
+    while keys.len() < n.min(KEY_WORDS.len()) {
+        let k = KEY_WORDS[rng.below(KEY_WORDS.len())];
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys
+}
+
+/// RULER-style: multi-key NIAH, multi-value NIAH and variable tracking
+/// (`questions` keys, key-value sets or chains asked, each alone).
 fn ruler(model: &Model, cfg: &TaskConfig) -> Result<Vec<Sample>, TaskError> {
     let corpus = essays(model, &cfg.data, "ruler")?;
     let mut rng = Rng::new(cfg.seed ^ 0x52554C);
+    let n_q = cfg.questions.clamp(1, 8);
     let mut out = Vec::new();
+    let mk_question = |k: &str| {
+        format!("What is the special magic number for {k}? The special magic number for {k} is")
+    };
     for i in 0..cfg.samples.max(1) {
-        // Multi-key: four keys, one asked.
+        // Multi-key: four keys (or as many as asked), one (or `questions`) asked.
         let mut hay = haystack(model, &corpus, cfg.length, &mut rng);
-        let mut keys: Vec<&str> = Vec::new();
-        while keys.len() < 4 {
-            let k = KEY_WORDS[rng.below(KEY_WORDS.len())];
-            if !keys.contains(&k) {
-                keys.push(k);
-            }
-        }
+        let keys = key_words(&mut rng, n_q.max(4));
         let values: Vec<String> = keys.iter().map(|_| magic(&mut rng)).collect();
         for (k, v) in keys.iter().zip(&values) {
-            let d = rng.below(1000) as f64 / 1000.0;
             hay = insert_at_depth(
                 &hay,
                 &format!("One of the special magic numbers for {k} is: {v}."),
-                d,
+                random_depth(&mut rng),
             );
         }
         let ask = rng.below(keys.len());
+        let asked: Vec<usize> = (0..n_q).map(|j| (ask + j) % keys.len()).collect();
         out.push(Sample {
             task: "ruler-mk".into(),
             id: format!("ruler-mk-{i}"),
             context: hay,
-            question: format!(
-                "What is the special magic number for {}? The special magic number for {} is",
-                keys[ask], keys[ask]
-            ),
-            answers: vec![values[ask].clone()],
+            questions: asked
+                .iter()
+                .map(|&a| Question::new(mk_question(keys[a]), vec![values[a].clone()], 16))
+                .collect(),
             scoring: Scoring::ContainsAll,
-            max_answer: 16,
             cell: None,
             continuation: None,
         });
 
-        // Multi-value: one key, four values.
+        // Multi-value: one key (or `questions` keys), four values each.
         let mut hay = haystack(model, &corpus, cfg.length, &mut rng);
-        let key = KEY_WORDS[rng.below(KEY_WORDS.len())];
-        let values: Vec<String> = (0..4).map(|_| magic(&mut rng)).collect();
-        for v in &values {
-            let d = rng.below(1000) as f64 / 1000.0;
-            hay = insert_at_depth(
-                &hay,
-                &format!("One of the special magic numbers for {key} is: {v}."),
-                d,
-            );
+        let mv_keys: Vec<&str> = if n_q == 1 {
+            vec![KEY_WORDS[rng.below(KEY_WORDS.len())]]
+        } else {
+            key_words(&mut rng, n_q)
+        };
+        let mut questions = Vec::new();
+        for key in &mv_keys {
+            let values: Vec<String> = (0..4).map(|_| magic(&mut rng)).collect();
+            for v in &values {
+                hay = insert_at_depth(
+                    &hay,
+                    &format!("One of the special magic numbers for {key} is: {v}."),
+                    random_depth(&mut rng),
+                );
+            }
+            questions.push(Question::new(
+                format!("What are all the special magic numbers for {key}? List them all."),
+                values,
+                48,
+            ));
         }
         out.push(Sample {
             task: "ruler-mv".into(),
             id: format!("ruler-mv-{i}"),
             context: hay,
-            question: format!("What are all the special magic numbers for {key}? List them all."),
-            answers: values,
+            questions,
             scoring: Scoring::ContainsAll,
-            max_answer: 48,
             cell: None,
             continuation: None,
         });
 
-        // Variable tracking: a chain of five assignments.
+        // Variable tracking: a chain of five assignments (or `questions` chains).
         let mut hay = filler(model, cfg.length)?;
-        let value = 10_000 + rng.below(90_000);
-        let names: Vec<String> = (0..5)
-            .map(|_| {
-                (0..5)
-                    .map(|_| (b'A' + rng.below(26) as u8) as char)
-                    .collect::<String>()
-            })
-            .collect();
-        let mut lines = vec![format!("VAR {} = {value}.", names[0])];
-        for w in names.windows(2) {
-            lines.push(format!("VAR {} = VAR {}.", w[1], w[0]));
+        let mut chains = Vec::new();
+        for _ in 0..n_q {
+            let value = 10_000 + rng.below(90_000);
+            let names: Vec<String> = (0..5)
+                .map(|_| {
+                    (0..5)
+                        .map(|_| (b'A' + rng.below(26) as u8) as char)
+                        .collect::<String>()
+                })
+                .collect();
+            chains.push((value, names));
         }
-        for (j, line) in lines.iter().enumerate() {
-            // In order, spread through the text.
-            let d = (j as f64 + 0.5) / lines.len() as f64;
-            hay = insert_at_depth(&hay, line, d);
+        let n_chains = chains.len();
+        for (c, (value, names)) in chains.iter().enumerate() {
+            let mut lines = vec![format!("VAR {} = {value}.", names[0])];
+            for w in names.windows(2) {
+                lines.push(format!("VAR {} = VAR {}.", w[1], w[0]));
+            }
+            for (j, line) in lines.iter().enumerate() {
+                // In order, spread through the text; chains interleave.
+                let d = (j as f64 + (c as f64 + 0.5) / n_chains as f64) / lines.len() as f64;
+                hay = insert_at_depth(&hay, line, d);
+            }
         }
         out.push(Sample {
             task: "ruler-vt".into(),
             id: format!("ruler-vt-{i}"),
             context: hay,
-            question: format!(
-                "Find all variables that are assigned the value {value} in the text above, directly or through other variables. Answer: the variables are"
-            ),
-            answers: names,
+            questions: chains
+                .into_iter()
+                .map(|(value, names)| {
+                    Question::new(
+                        format!(
+                            "Find all variables that are assigned the value {value} in the text above, directly or through other variables. Answer: the variables are"
+                        ),
+                        names,
+                        40,
+                    )
+                })
+                .collect(),
             scoring: Scoring::ContainsAll,
-            max_answer: 40,
             cell: None,
             continuation: None,
         });
@@ -400,13 +545,15 @@ fn gsm8k_icl(model: &Model, cfg: &TaskConfig) -> Result<Vec<Sample>, TaskError> 
             task: "gsm8k-icl".into(),
             id: format!("gsm8k-{i}"),
             context: shots,
-            question: format!(
-                "Question: {}\nAnswer step by step as above, ending with #### and the number.",
-                q.question
-            ),
-            answers: vec![gsm8k_final(&q.answer).unwrap_or_default()],
+            questions: vec![Question::new(
+                format!(
+                    "Question: {}\nAnswer step by step as above, ending with #### and the number.",
+                    q.question
+                ),
+                vec![gsm8k_final(&q.answer).unwrap_or_default()],
+                160,
+            )],
             scoring: Scoring::Number,
-            max_answer: 160,
             cell: None,
             continuation: None,
         });
@@ -427,10 +574,8 @@ fn fidelity(model: &Model, cfg: &TaskConfig) -> Result<Vec<Sample>, TaskError> {
                 task: "fidelity".into(),
                 id: format!("fidelity-{i}"),
                 context: model.detokenize(&corpus[start..split], false),
-                question: String::new(),
-                answers: Vec::new(),
+                questions: vec![Question::new("", Vec::new(), 0)],
                 scoring: Scoring::Fidelity,
-                max_answer: 0,
                 cell: None,
                 continuation: Some(model.detokenize(&corpus[split..start + n], false)),
             })
@@ -483,10 +628,8 @@ pub fn from_file(path: &Path) -> Result<Vec<Sample>, TaskError> {
             task: "tasks-file".into(),
             id: t.id,
             context: t.context,
-            question: t.question,
-            answers: t.answers,
+            questions: vec![Question::new(t.question, t.answers, 48)],
             scoring,
-            max_answer: 48,
             cell: None,
             continuation: None,
         });

@@ -6,7 +6,9 @@ use std::str::FromStr;
 
 use super::batch::Batch;
 use super::error::{ContextError, DecodeError, StateError};
-use super::kv::{CompactError, DeadSlots, KvPart, KvStats, LayerImportance, ScoreRows};
+use super::kv::{
+    CompactError, DeadSlots, KvPart, KvStats, LayerImportance, ScoreReduce, ScoreRows,
+};
 use super::model::{Model, Token};
 use crate::sys;
 use crate::threads::{ThreadTuner, Threads};
@@ -564,8 +566,9 @@ impl<'m> Context<'m> {
     }
 
     /// Makes the following decodes also compute attention importance for
-    /// the model layers flagged in `layers` (patch 0002). Clears earlier sums.
-    pub fn importance_begin(&mut self, layers: &[bool], rows: ScoreRows) {
+    /// the model layers flagged in `layers` (patches 0002, 0005), combined by
+    /// `reduce`. Clears earlier scores.
+    pub fn importance_begin(&mut self, layers: &[bool], rows: ScoreRows, reduce: ScoreReduce) {
         let flags: Vec<u8> = layers.iter().map(|&b| b as u8).collect();
         let n_window = match rows {
             ScoreRows::Last(n) => n.max(1) as i32,
@@ -574,6 +577,13 @@ impl<'m> Context<'m> {
         // SAFETY: flags outlives the call (llama.cpp copies it).
         unsafe {
             sys::llama_kv_importance_clear(self.ptr.as_ptr());
+            sys::llama_kv_importance_set_reduce(
+                self.ptr.as_ptr(),
+                match reduce {
+                    ScoreReduce::Sum => 0,
+                    ScoreReduce::Max => 1,
+                },
+            );
             sys::llama_kv_importance_set(
                 self.ptr.as_ptr(),
                 flags.as_ptr(),
@@ -591,7 +601,7 @@ impl<'m> Context<'m> {
         }
     }
 
-    /// Importance summed since [`Context::importance_begin`] for model layer `il`.
+    /// Importance since [`Context::importance_begin`] for model layer `il`.
     pub fn importance(&self, il: u32) -> Option<LayerImportance> {
         let n_head_kv = self.model.layer_n_head_kv(il) as usize;
         let n_ctx = self.n_ctx as usize;

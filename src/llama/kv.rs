@@ -67,6 +67,17 @@ pub enum ScoreRows {
     All,
 }
 
+/// How importance combines over query rows, the query heads of a KV head's
+/// group, micro-batches and calls (patch 0005).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScoreReduce {
+    /// Summed (the observation window, H2O).
+    #[default]
+    Sum,
+    /// The largest attention any scored query paid (KVzip's reconstruction).
+    Max,
+}
+
 /// Attention importance of one model layer, by cell: `per_head[h][cell]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerImportance {

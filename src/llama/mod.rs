@@ -18,7 +18,7 @@ pub use detok::StreamDecoder;
 pub use error::{
     ChatTemplateError, ContextError, DecodeError, LoadError, StateError, TokenizeError,
 };
-pub use kv::{CompactError, DeadSlots, KvPart, KvStats, LayerImportance, ScoreRows};
+pub use kv::{CompactError, DeadSlots, KvPart, KvStats, LayerImportance, ScoreReduce, ScoreRows};
 pub use model::{apply_template, ChatMessage, Model, ModelInfo, ModelParams, Token};
 pub use sampler::{Sampler, SamplingParams};
 pub use state::{DumpError, KvDump};
