@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use crate::compress::{Budget, ChunkKv, CompressError, Compressor};
+use crate::compress::{stream, Budget, ChunkKv, CompressError, Compressor};
 use crate::llama::{
     Context, ContextError, ContextParams, DecodeError, KvPart, Model, StateError, Token,
 };
@@ -22,6 +22,9 @@ pub struct BenchConfig {
     pub reps: usize,
     pub chunkkv: ChunkKv,
     pub reuse: usize,
+    /// `--kv-stream`: prompts of any depth streamed through a cache of this
+    /// many cells, compressed segment by segment to the first budget.
+    pub stream_cells: Option<u32>,
 }
 
 /// One measured configuration.
@@ -42,6 +45,21 @@ pub struct BenchRow {
     pub overhead_pct: f64,
     pub decode_tok_s: f64,
     pub decode_tok_s_std: f64,
+    /// Where a compression's time went (ChunkKV rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stages: Option<crate::compress::StageMs>,
+    /// Streamed rows: segments, compressions and the peak memory of the run
+    /// (device memory in use on a GPU, else the process's peak RSS), MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamRow>,
+}
+
+/// What a streamed prefill did.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct StreamRow {
+    pub segments: usize,
+    pub compressions: usize,
+    pub peak_mib: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +127,92 @@ fn row(depth: usize, method: &str, budget: f64, ctx: &Context<'_>) -> BenchRow {
         overhead_pct: 0.0,
         decode_tok_s: 0.0,
         decode_tok_s_std: 0.0,
+        stages: None,
+        stream: None,
     }
+}
+
+/// Memory in use now, MiB: the most any GPU holds, else this process's peak RSS.
+fn memory_in_use_mib() -> f64 {
+    let gpu = crate::llama::Backend::init()
+        .devices()
+        .into_iter()
+        .filter(|d| d.kind != crate::llama::DeviceKind::Cpu && d.memory_total > 0)
+        .map(|d| (d.memory_total - d.memory_free) as f64 / (1u64 << 20) as f64)
+        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    gpu.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            })
+            .map_or(0.0, |kb| kb / 1024.0)
+    })
+}
+
+/// `--kv-stream`: each depth's prompt through a cache of `cells` cells,
+/// compressed segment by segment to `budget`, then decoded.
+fn run_stream(
+    model: &Model,
+    params: &ContextParams,
+    cfg: &BenchConfig,
+    cells: u32,
+    on_row: &mut dyn FnMut(&BenchRow),
+) -> Result<Vec<BenchRow>, BenchError> {
+    let budget = *cfg
+        .budgets
+        .first()
+        .ok_or_else(|| BenchError::Config("--kv-stream needs a --kv-budget".into()))?;
+    let mut rows = Vec::new();
+    for &depth in &cfg.depths {
+        let tokens = prompt_tokens(model, depth + cfg.n_gen, depth as u64)?;
+        let (prompt, feed) = tokens.split_at(depth);
+        let mut ctx = Context::new(model, &params.clone().with_n_ctx(cells))?;
+        let mut c = Compressor::new(
+            &ctx,
+            Box::new(cfg.chunkkv.clone()),
+            cfg.chunkkv.window,
+            cfg.reuse,
+        )?;
+        c.observe(model, prompt, 0);
+        let mut cursor = stream::Cursor::default();
+        let mut segments = 0;
+        let mut peak = memory_in_use_mib();
+        let t = Instant::now();
+        stream::feed(
+            &mut ctx,
+            &mut c,
+            prompt,
+            &mut cursor,
+            budget,
+            cfg.n_gen + 1,
+            crate::compress::Scorer::Window,
+            &mut |_| {
+                segments += 1;
+                peak = peak.max(memory_in_use_mib());
+            },
+        )
+        .map_err(|e| BenchError::Config(format!("streaming d{depth}: {e}")))?;
+        let prefill_ms = ms_since(t);
+        let b = match budget {
+            Budget::Ratio(x) => x,
+            Budget::Tokens(t) => t as f64 / depth as f64,
+        };
+        let mut r = row(depth, "chunkkv-stream", b, &ctx);
+        r.prefill_ms = prefill_ms;
+        r.prefill_tok_s = depth as f64 * 1e3 / prefill_ms;
+        (r.decode_tok_s, r.decode_tok_s_std) = decode_speed(&mut ctx, feed, depth, cfg.reps)?;
+        r.stream = Some(StreamRow {
+            segments,
+            compressions: cursor.compressions,
+            peak_mib: peak.max(memory_in_use_mib()),
+        });
+        on_row(&r);
+        rows.push(r);
+    }
+    Ok(rows)
 }
 
 /// Context size for `tokens` plus generation, padded like llama.cpp (256).
@@ -124,6 +227,9 @@ pub fn run(
     cfg: &BenchConfig,
     mut on_row: impl FnMut(&BenchRow),
 ) -> Result<Vec<BenchRow>, BenchError> {
+    if let Some(cells) = cfg.stream_cells {
+        return run_stream(model, params, cfg, cells, &mut on_row);
+    }
     let w = cfg.chunkkv.window;
     let mut rows = Vec::new();
     let mut push = |r: BenchRow, rows: &mut Vec<BenchRow>| {
@@ -146,7 +252,7 @@ pub fn run(
         let t = Instant::now();
         ctx.decode_tokens(head, 0, SEQ, false)?;
         let head_ms = ms_since(t);
-        let head_state = ctx.state_seq_get(SEQ)?;
+        let head_state = ctx.save_seq(SEQ)?;
         let t = Instant::now();
         ctx.decode_tokens(window, (depth - w) as i32, SEQ, true)?;
         let window_ms = ms_since(t);
@@ -165,11 +271,13 @@ pub fn run(
             };
             // ChunkKV in place: restore the head, score with the window, compact.
             ctx.memory_clear(true);
-            ctx.state_seq_set(SEQ, &head_state)?;
+            ctx.restore_seq(SEQ, &head_state)?;
             let mut c = Compressor::new(&ctx, Box::new(cfg.chunkkv.clone()), w, cfg.reuse)?;
+            c.observe(model, head, 0);
             let done =
                 c.compress_window(&mut ctx, window, (depth - w) as i32, n_keep, budget.json())?;
             let mut r = row(depth, "chunkkv", b, &ctx);
+            r.stages = Some(done.report.ms);
             r.overhead_ms = (done.ms - window_ms).max(0.0);
             r.overhead_pct = 100.0 * r.overhead_ms / prefill_ms;
             r.prefill_ms = head_ms + done.ms;
@@ -180,10 +288,10 @@ pub fn run(
             push(r, &mut rows);
 
             // The same cells moved into a context sized for them: memory freed.
-            let compact_state = ctx.state_seq_get(SEQ)?;
+            let compact_state = ctx.save_seq(SEQ)?;
             let small = params.clone().with_n_ctx(ctx_size(n_keep + cfg.n_gen));
             let mut sctx = Context::new(model, &small)?;
-            sctx.state_seq_set(SEQ, &compact_state)?;
+            sctx.restore_seq(SEQ, &compact_state)?;
             let mut r = row(depth, "chunkkv-resized", b, &sctx);
             (r.overhead_ms, r.overhead_pct, r.prefill_ms, r.prefill_tok_s) =
                 (overhead_ms, overhead_pct, pf_ms, pf);

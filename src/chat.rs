@@ -11,7 +11,8 @@
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use crate::compress::{Budget, CompressError, Compressor, Keep, Policy, Scorer};
+use crate::compress::stream::{self, Cursor, StreamError};
+use crate::compress::{Budget, CompressError, Compressor, Policy, Scorer};
 use crate::llama::{ChatMessage, Context, KvPart, KvStats, Pos, Sampler, Token, TokenizeError};
 use crate::pipeline::{self, PipelineError, StopReason};
 
@@ -46,14 +47,7 @@ impl From<crate::llama::DecodeError> for ChatError {
 }
 
 /// Progress of a segmented prefill, after each segment.
-#[derive(Debug, Clone, Copy)]
-pub struct FeedProgress {
-    pub done: usize,
-    pub total: usize,
-    pub cells_used: u32,
-    pub bytes_live: u64,
-    pub tok_s: f64,
-}
+pub use crate::compress::stream::Segment as FeedProgress;
 
 /// One reply.
 #[derive(Debug, Clone)]
@@ -168,13 +162,18 @@ impl<'m> ChatSession<'m> {
         Ok(())
     }
 
-    /// Switches the method for later turns (`None`: stop compressing). The
+    /// Switches the method for later turns (`None`: stop compressing), with
+    /// its reuse group size (ChunkKV's; the baselines score every layer). The
     /// cache compressed so far stays as it is.
-    pub fn set_policy(&mut self, policy: Option<Box<dyn Policy>>) -> Result<(), ChatError> {
+    pub fn set_policy(
+        &mut self,
+        policy: Option<Box<dyn Policy>>,
+        reuse: usize,
+    ) -> Result<(), ChatError> {
         match (policy, self.compressor.as_mut()) {
             (None, _) => self.active = false,
             (Some(p), Some(c)) => {
-                c.set_policy(p);
+                c.set_policy(p, reuse);
                 self.active = true;
             }
             (Some(_), None) => {
@@ -377,111 +376,57 @@ impl<'m> ChatSession<'m> {
         scorer: Scorer,
         progress: &mut dyn FnMut(FeedProgress),
     ) -> Result<(), ChatError> {
-        let n_ctx = self.ctx.n_ctx() as usize;
-        let turn_start = self.next_pos;
-        let n = tokens.len();
-        let t = Instant::now();
-        let mut i = 0;
-        while i < n {
-            let free = self.free();
-            let rest = n - i;
-            let fits = rest + reserve <= free;
-            let Some(compressor) = self.compressor.as_mut().filter(|_| self.active) else {
-                if !fits {
-                    return Err(ChatError::ContextFull {
-                        need: rest + reserve,
-                        free,
-                        n_ctx: n_ctx as u32,
-                        hint: "/clear, raise -c, or turn compression on with /method chunkkv",
-                    });
-                }
-                self.ctx
-                    .decode_tokens(&tokens[i..], self.next_pos, pipeline::SEQ, true)?;
-                self.next_pos += rest as Pos;
-                self.prefilled += rest;
-                break;
-            };
-            // Reconstruction scoring needs cells on top of the segment for a moment.
-            let scratch = match scorer {
-                Scorer::Reconstruct => compressor.reconstruction_room(256),
-                Scorer::Window => 0,
-            };
-            let fits = fits && rest + scratch <= free;
-            // A segment fills the free cells (one stays for the compression's room).
-            let seg = if fits {
-                rest
-            } else {
-                rest.min(free.saturating_sub(1 + scratch))
-            };
-            if seg == 0 {
+        let n_ctx = self.ctx.n_ctx();
+        let Some(compressor) = self.compressor.as_mut().filter(|_| self.active) else {
+            let (free, n) = (self.free(), tokens.len());
+            if n + reserve > free {
                 return Err(ChatError::ContextFull {
-                    need: rest + reserve,
+                    need: n + reserve,
                     free,
-                    n_ctx: n_ctx as u32,
-                    hint: "/clear or raise -c",
+                    n_ctx,
+                    hint: "/clear, raise -c, or turn compression on with /method chunkkv",
                 });
             }
-            let total = self.prefilled + seg;
-            // The window (the latest tokens, which score the rest) is always kept whole.
-            let budget = self
-                .budget
-                .cells_for(total)
-                .max(seg.min(compressor.window()))
-                .max(1);
-            // Room the rest of the text and the reply need after this segment.
-            let room = if i + seg == n {
-                reserve
-            } else {
-                (n - i - seg + reserve).min(n_ctx / 2)
-            };
-            let cap = n_ctx.saturating_sub(room);
-            let n_keep = budget.min(cap);
-            // Within the budget only the new tokens are candidates: history
-            // stays as earlier turns kept it. Compressing harder re-ranks it
-            // all, keeping the new turn whole if it fits.
-            let harder = n_keep < budget;
-            let turn_in_cache = (self.next_pos - turn_start) as usize + seg;
-            let keep = Keep {
-                from: if harder && turn_in_cache < n_keep {
-                    turn_start
+            self.ctx
+                .decode_tokens(tokens, self.next_pos, pipeline::SEQ, true)?;
+            self.next_pos += n as Pos;
+            self.prefilled += n;
+            return Ok(());
+        };
+        let mut cursor = Cursor {
+            next_pos: self.next_pos,
+            prefilled: self.prefilled,
+            compressions: self.compressions,
+        };
+        let fed = stream::feed(
+            &mut self.ctx,
+            compressor,
+            tokens,
+            &mut cursor,
+            self.budget,
+            reserve,
+            scorer,
+            progress,
+        );
+        (self.next_pos, self.prefilled, self.compressions) =
+            (cursor.next_pos, cursor.prefilled, cursor.compressions);
+        fed.map_err(|e| match e {
+            StreamError::Full {
+                need,
+                free,
+                n_ctx,
+                recent,
+            } => ChatError::ContextFull {
+                need,
+                free,
+                n_ctx,
+                hint: if recent {
+                    "even the most recent text alone is too long: /clear or raise -c"
                 } else {
-                    Pos::MAX
+                    "/clear or raise -c"
                 },
-                history: !harder,
-                short: true,
-            };
-            let done = compressor.prefill_turn(
-                &mut self.ctx,
-                &tokens[i..i + seg],
-                self.next_pos,
-                n_keep.max(1),
-                keep,
-                scorer,
-                self.budget.json(),
-            )?;
-            if done.compressed {
-                self.compressions += 1;
-            }
-            self.next_pos += seg as Pos;
-            self.prefilled += seg;
-            i += seg;
-            let kv = self.ctx.kv_stats(KvPart::Base).ok_or(ChatError::NoCache)?;
-            progress(FeedProgress {
-                done: i,
-                total: n,
-                cells_used: kv.cells_used,
-                bytes_live: kv.bytes_live,
-                tok_s: i as f64 / t.elapsed().as_secs_f64().max(1e-9),
-            });
-            if self.free() < room.min(reserve.max(1)) {
-                return Err(ChatError::ContextFull {
-                    need: room,
-                    free: self.free(),
-                    n_ctx: n_ctx as u32,
-                    hint: "even the most recent text alone is too long: /clear or raise -c",
-                });
-            }
-        }
-        Ok(())
+            },
+            StreamError::Compress(e) => ChatError::Compress(e),
+        })
     }
 }

@@ -5,7 +5,9 @@
 //!
 //! One prefill per prompt and cache configuration: the state before the
 //! observation window is saved, and each row restores it, then either decodes
-//! the window plainly or scores with it and compresses. Compressed sequences
+//! the window plainly or scores with it and compresses (H2O's every-query
+//! scores come from a second, scored head prefill, timed as H2O's overhead;
+//! reconstruction scores from one pass shared by its rows). Compressed sequences
 //! are moved into a context sized for what they keep plus the generation, so
 //! the allocated bytes reported are memory really freed.
 
@@ -224,21 +226,25 @@ pub fn run_prompt(
             p = p.with_flash_attn(FlashAttn::On);
         }
         let mut ctx = Context::new(model, &p)?;
-        // H2O scores with every prompt query: the shared head prefill
-        // collects its scores (and its prefill time includes that scoring).
+        // The plain head prefill, timed alone: every row's prefill starts from it.
+        let t = Instant::now();
+        ctx.decode_tokens(head, 0, SEQ, false)?;
+        let head_ms = ms_since(t);
+        let head_state = ctx.save_seq(SEQ)?;
+        // H2O scores with every prompt query: a second, scored prefill of the
+        // head gives its scores, and what it costs beyond the plain one is H2O's.
         let h2o = rows
             .iter()
             .any(|r| r.method == Method::H2o && r.budget.is_some());
-        let t = Instant::now();
-        let head_scores = if h2o {
+        let (head_scores, h2o_ms) = if h2o {
+            ctx.memory_clear(true);
             let scorer = Compressor::new(&ctx, Method::H2o.policy(&cfg.chunk, 0)?, w, 1)?;
-            scorer.prefill_head_scored(&mut ctx, head)?
+            let t = Instant::now();
+            let scores = scorer.prefill_head_scored(&mut ctx, head)?;
+            (scores, (ms_since(t) - head_ms).max(0.0))
         } else {
-            ctx.decode_tokens(head, 0, SEQ, false)?;
-            Vec::new()
+            (Vec::new(), 0.0)
         };
-        let head_ms = ms_since(t);
-        let head_state = ctx.state_seq_get(SEQ)?;
         // Reconstruction scores every layer once for the rows that use it, in a
         // context with room for its chunks (so the rows' own contexts stay as
         // llama.cpp would size them); its time is part of each such row's overhead.
@@ -262,7 +268,7 @@ pub fn run_prompt(
                 flags[il as usize] = true;
             }
             let mut roomy = Context::new(model, &p.clone().with_n_ctx(ctx_size(n + 2048 + 256)))?;
-            roomy.state_seq_set(SEQ, &head_state)?;
+            roomy.restore_seq(SEQ, &head_state)?;
             let t = Instant::now();
             let scores = rec.score(&mut roomy, SEQ, head, &flags)?;
             (scores, ms_since(t))
@@ -273,7 +279,7 @@ pub fn run_prompt(
 
         for spec in rows {
             ctx.memory_clear(true);
-            ctx.state_seq_set(SEQ, &head_state)?;
+            ctx.restore_seq(SEQ, &head_state)?;
             let budget = budget_share(spec.budget, n);
             let (prefill_ms, overhead_ms, compressed) = match (spec.method, spec.budget) {
                 (Method::None, _) | (_, None) => {
@@ -293,6 +299,7 @@ pub fn run_prompt(
                     let policy = method.policy(&cfg.chunk, 0)?;
                     if reconstructs(method) {
                         let mut c = Compressor::new(&ctx, policy, w, reuse)?;
+                        c.observe(model, head, 0);
                         let done = c.compress_with_scores(
                             &mut ctx,
                             &rec_scores,
@@ -309,6 +316,7 @@ pub fn run_prompt(
                         )
                     } else if method == Method::H2o {
                         let mut c = Compressor::new(&ctx, policy, w, reuse)?;
+                        c.observe(model, head, 0);
                         let done = c.compress_window_with(
                             &mut ctx,
                             window,
@@ -319,12 +327,13 @@ pub fn run_prompt(
                         )?;
                         let plain = window_ms.unwrap_or(0.0);
                         (
-                            head_ms + done.ms,
-                            (done.ms - plain).max(0.0),
+                            head_ms + h2o_ms + done.ms,
+                            (h2o_ms + done.ms - plain).max(0.0),
                             done.compressed,
                         )
                     } else {
                         let mut c = Compressor::new(&ctx, policy, w, reuse)?;
+                        c.observe(model, head, 0);
                         let done =
                             c.compress_window(&mut ctx, window, (n - w) as i32, n_keep, b.json())?;
                         let plain = window_ms.unwrap_or(0.0);
@@ -342,16 +351,13 @@ pub fn run_prompt(
             // Compressed sequences move into a context sized for them.
             let mut resized;
             let run_ctx: &mut Context<'_> = if compressed {
-                let state = ctx.state_seq_get(SEQ)?;
+                // The saved state carries PyramidKV's per-layer dead-slot mask along.
+                let state = ctx.save_seq(SEQ)?;
                 let kept = ctx
                     .kv_stats(KvPart::Base)
                     .map_or(n, |s| s.cells_used as usize);
                 resized = Context::new(model, &p.clone().with_n_ctx(ctx_size(kept + cfg.n_gen)))?;
-                resized.state_seq_set(SEQ, &state)?;
-                // Per-layer counts (PyramidKV): the same slots stay masked there.
-                resized
-                    .set_dead_slots(ctx.dead_slots())
-                    .map_err(CompressError::from)?;
+                resized.restore_seq(SEQ, &state)?;
                 &mut resized
             } else {
                 &mut ctx

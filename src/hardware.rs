@@ -35,6 +35,12 @@ pub fn free_cores() -> usize {
     usable.saturating_sub(others).max(1)
 }
 
+/// Other runnable tasks right now (one reading of `procs_running`, less this
+/// thread); `None` where the kernel does not say.
+pub fn others_running() -> Option<usize> {
+    procs_running().map(|n| n.saturating_sub(1))
+}
+
 fn procs_running() -> Option<usize> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     stat.lines()

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crate::compress::{Budget, CompressError, CompressionReport, Compressor};
+use crate::compress::{stream, Budget, CompressError, CompressionReport, Compressor};
 use crate::llama::{Context, DecodeError, KvPart, KvStats, Pos, Sampler, StreamDecoder, Token};
 
 /// The sequence every single-conversation pipeline uses.
@@ -21,6 +21,8 @@ pub enum PipelineError {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Compress(#[from] CompressError),
+    #[error("the prompt does not fit even compressed: {0} (raise -c or lower --kv-budget)")]
+    Stream(crate::compress::stream::StreamError),
 }
 
 /// KV compression to run right after the prompt's prefill.
@@ -28,6 +30,18 @@ pub enum PipelineError {
 pub struct Hook<'a> {
     pub compressor: &'a mut Compressor,
     pub budget: Budget,
+    /// Prefill in segments that each fill the free cells and are compressed
+    /// (`--kv-stream`): prompts longer than the context pass through it.
+    pub stream: bool,
+}
+
+/// What a segmented prefill did.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct StreamReport {
+    pub segments: usize,
+    pub compressions: usize,
+    pub cells_after: u32,
+    pub bytes_live_after: u64,
 }
 
 /// Wall-clock timings of one generation, llama.cpp style.
@@ -54,6 +68,9 @@ pub struct Generation {
     pub timings: Timings,
     /// What the hook did, when one ran.
     pub compression: Option<CompressionReport>,
+    /// What a segmented prefill did (`--kv-stream`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamReport>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -176,9 +193,42 @@ pub fn generate(
     hook: Option<Hook<'_>>,
     on_text: impl FnMut(&str),
 ) -> Result<Generation, PipelineError> {
-    check_prompt(ctx, prompt.len())?;
+    let streamed = hook.as_ref().is_some_and(|h| h.stream);
+    if !streamed || prompt.is_empty() {
+        check_prompt(ctx, prompt.len())?;
+    }
+    let mut stream_report = None;
     let (prefill_ms, compression) = match hook {
         None => (prefill(ctx, prompt, 0)?, None),
+        Some(h) if h.stream => {
+            let t = Instant::now();
+            let reserve = (n_predict + 1).min(ctx.n_ctx() as usize / 2);
+            let scorer = h.compressor.scorer();
+            let mut cursor = stream::Cursor::default();
+            let mut segments = 0;
+            stream::feed(
+                ctx,
+                h.compressor,
+                prompt,
+                &mut cursor,
+                h.budget,
+                reserve,
+                scorer,
+                &mut |_| segments += 1,
+            )
+            .map_err(|e| match e {
+                stream::StreamError::Compress(e) => PipelineError::Compress(e),
+                full => PipelineError::Stream(full),
+            })?;
+            let kv = ctx.kv_stats(KvPart::Base);
+            stream_report = Some(StreamReport {
+                segments,
+                compressions: cursor.compressions,
+                cells_after: kv.map_or(0, |k| k.cells_used),
+                bytes_live_after: kv.map_or(0, |k| k.bytes_live),
+            });
+            (t.elapsed().as_secs_f64() * 1e3, None)
+        }
         Some(h) => {
             let n_keep = h.budget.cells_for(prompt.len());
             let done = h
@@ -204,6 +254,7 @@ pub fn generate(
         tokens,
         stop,
         compression,
+        stream: stream_report,
         timings: Timings {
             prefill_ms,
             prefill_tok_s: rate(prompt.len(), prefill_ms),

@@ -67,6 +67,8 @@ pub struct ThreadTuner {
     arms: Vec<Arm>,
     /// The count tried for the call in flight, if it is not `current`.
     probing: Option<usize>,
+    /// Other processes running, smoothed over calls (None: unknown).
+    others: Option<f64>,
 }
 
 /// Weight of a new timing in the smoothed cost.
@@ -89,16 +91,31 @@ impl ThreadTuner {
             since: now,
             arms: vec![Arm::default(); max + 1],
             probing: None,
+            others: None,
         }
     }
 
-    /// The thread count for the next call.
-    pub fn next(&mut self, now: Instant) -> usize {
+    /// The thread count for the next call. `others_running` is how many
+    /// other tasks are runnable right now, if known (one noisy reading, taken
+    /// between calls while this process's compute threads sleep): more
+    /// threads are tried only while that many cores look free, since a thread
+    /// that has to share a core makes every barrier wait for it.
+    pub fn next(&mut self, now: Instant, others_running: Option<usize>) -> usize {
         self.probing = None;
+        if let Some(o) = others_running {
+            let o = o as f64;
+            self.others = Some(self.others.map_or(o, |s| s + 0.2 * (o - s)));
+        }
+        let free = self
+            .others
+            .map_or(self.max, |o| self.max.saturating_sub(o.round() as usize));
         if self.arms[self.current].cost.is_none() {
             return self.current;
         }
         for n in self.neighbours() {
+            if n > self.current && n > free.max(1) {
+                continue;
+            }
             let arm = self.arms[n];
             let due = match arm.seen {
                 None => now.duration_since(self.since) >= MIN_RETRY,
@@ -173,7 +190,7 @@ mod tests {
         let mut t = ThreadTuner::new(initial, max, now);
         let (mut spent, mut tokens) = (0.0, 0usize);
         while spent < seconds {
-            let n = t.next(now);
+            let n = t.next(now, None);
             let c = cost(n);
             spent += c;
             tokens += 1;
@@ -207,6 +224,31 @@ mod tests {
         let cost = |n: usize| 0.010 * (1.0 + (n as f64 - 6.0).abs() * 0.2);
         let (_, settled) = run(cost, 2, 8, 60.0);
         assert_eq!(settled, 6);
+    }
+
+    /// Two busy processes on two cores: the idle machine's two threads would
+    /// be 25x slower; with the other processes seen, two are never tried.
+    #[test]
+    fn more_threads_are_not_tried_while_the_cores_are_busy() {
+        let mut now = Instant::now();
+        let mut t = ThreadTuner::new(1, 2, now);
+        for _ in 0..2000 {
+            let n = t.next(now, Some(2));
+            assert_eq!(n, 1);
+            now += Duration::from_millis(20);
+            t.record(n, 1, 0.020, now);
+        }
+        // The load goes away: two threads are tried and kept.
+        let mut twos = 0;
+        for _ in 0..500 {
+            let n = t.next(now, Some(0));
+            let c = if n == 2 { 0.012 } else { 0.020 };
+            twos += usize::from(n == 2);
+            now += Duration::from_secs_f64(c);
+            t.record(n, 1, c, now);
+        }
+        assert_eq!(t.current(), 2);
+        assert!(twos > 400, "{twos}");
     }
 
     #[test]

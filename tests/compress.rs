@@ -127,6 +127,7 @@ fn full_budget_gives_the_same_logits_as_no_compression() {
     let hook = Hook {
         compressor: &mut c,
         budget: Budget::Ratio(1.0),
+        stream: false,
     };
     let g1 = pipeline::generate(&mut ctx, &mut greedy(), &tokens, 8, Some(hook), |_| {}).unwrap();
     assert_eq!(g0.tokens, g1.tokens);
@@ -245,6 +246,7 @@ fn gemma3_compresses_only_its_full_attention_cache() {
     let hook = Hook {
         compressor: &mut c,
         budget: Budget::Ratio(0.2),
+        stream: false,
     };
     let g = pipeline::generate(&mut ctx, &mut greedy(), &tokens, 12, Some(hook), |_| {}).unwrap();
     let r = g.compression.unwrap();
@@ -316,6 +318,7 @@ fn qwen_retrieves_a_needle_with_chunkkv_at_20_percent() {
         Some(Hook {
             compressor: &mut c,
             budget: Budget::Ratio(0.2),
+            stream: false,
         }),
         &mut ctx,
     );

@@ -32,8 +32,13 @@ pub struct BenchArgs {
     #[arg(long = "kv-budget", value_delimiter = ',', default_value = "0.1,0.2")]
     pub budgets: Vec<Budget>,
     /// Measure only llama.cpp's full cache (prefill and decode), no compression rows.
-    #[arg(long = "full-only")]
+    #[arg(long = "full-only", conflicts_with = "stream")]
     pub full_only: bool,
+    /// Stream each -p prompt (it may be far longer than the cache) through a
+    /// cache of -c cells (default 131072), compressed segment by segment to
+    /// the first --kv-budget: prefill+compression speed, peak memory, decode.
+    #[arg(long = "kv-stream")]
+    pub stream: bool,
     /// Repetitions of each decode measurement.
     #[arg(short = 'r', long = "repetitions", default_value_t = 2)]
     pub reps: usize,
@@ -73,6 +78,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         reps: args.reps,
         chunkkv,
         reuse: args.chunk.reuse_layers,
+        stream_cells: args.stream.then_some(match args.context.ctx_size {
+            0 => 131_072,
+            c => c,
+        }),
     };
     let params = args.context.fixed_params();
     let rows = bench::run(&model, &params, &cfg, |r| {
@@ -129,10 +138,16 @@ fn print_md(model: &str, n_gen: usize, rows: &[BenchRow]) {
             ("bound", _) | (_, None) => String::new(),
             (_, Some(b)) => format!("{:.2}x", r.decode_tok_s / b),
         };
-        let overhead = if r.method.starts_with("chunkkv") {
-            format!("{:.1} ({:.2}%)", r.overhead_ms, r.overhead_pct)
-        } else {
-            String::new()
+        let overhead = match (&r.stages, &r.stream) {
+            (Some(s), _) => format!(
+                "{:.1} ({:.2}%): scored window {:.1}, select {:.1}, compact {:.1}",
+                r.overhead_ms, r.overhead_pct, s.importance, s.select, s.compact
+            ),
+            (_, Some(s)) => format!(
+                "{} segments, {} compressions, peak {:.0} MiB",
+                s.segments, s.compressions, s.peak_mib
+            ),
+            _ => String::new(),
         };
         let budget = if r.method == "full" {
             "100%".to_string()

@@ -53,7 +53,7 @@ const HELP: &str = "\
 /load FILE       read a document into the conversation
 /stats           cache cells and bytes live vs the full cache
 /budget B        budget for later turns (0.25, 25%, or a token count)
-/method M        chunkkv, snapkv, pyramidkv, h2o, streaming, random or none
+/method M        chunkkv, snapkv, pyramidkv, h2o, streaming, random, kvzip or none
 Ctrl-C stops a reply.";
 
 impl ChatArgs {
@@ -263,10 +263,15 @@ fn command(
         "/method" => {
             let m = Method::from_str(rest, true).map_err(|_| {
                 anyhow::anyhow!(
-                    "unknown method `{rest}`: chunkkv, snapkv, pyramidkv, h2o, streaming, random or none"
+                    "unknown method `{rest}`: chunkkv, snapkv, pyramidkv, h2o, streaming, random, kvzip or none"
                 )
             })?;
-            session.set_policy(args.compress_args(m).policy()?)?;
+            let reuse = if m == Method::Chunkkv {
+                args.chunk.reuse_layers
+            } else {
+                1
+            };
+            session.set_policy(args.compress_args(m).policy()?, reuse)?;
             if interactive {
                 eprintln!("{} for later turns", describe(session));
             }

@@ -14,7 +14,7 @@ use crate::eval::{self, report, tasks, EvalConfig, SampleResult};
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Tasks, comma-separated: niah, passkey, ruler, gsm8k-icl, fidelity.
+    /// Tasks, comma-separated: niah, passkey, ruler (or one of ruler-mk, ruler-mv, ruler-vt), gsm8k-icl, fidelity.
     #[arg(
         long = "tasks",
         value_delimiter = ',',
@@ -98,7 +98,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         anyhow::bail!("--samples {} is not sensible: use 1 to 1000", args.samples);
     }
     for t in &args.tasks {
-        if !tasks::TASKS.contains(&t.as_str()) {
+        if !tasks::TASKS.contains(&t.as_str()) && !tasks::RULER_PARTS.contains(&t.as_str()) {
             anyhow::bail!("unknown task `{t}`: {}", tasks::TASKS.join(", "));
         }
     }

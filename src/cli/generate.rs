@@ -35,6 +35,11 @@ pub struct GenerateArgs {
     /// Print one JSON object on stdout (logs stay on stderr).
     #[arg(long)]
     pub json: bool,
+    /// Prefill in segments that each fill the free cells and are compressed to
+    /// the budget, so a prompt longer than -c passes through (every segment
+    /// but the last is compressed before the rest exists).
+    #[arg(long = "kv-stream")]
+    pub stream: bool,
     #[command(flatten)]
     pub context: ContextArgs,
     #[command(flatten)]
@@ -58,7 +63,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let tokens = model.tokenize(&prompt_text, true, true)?;
     let mut ctx = Context::new(&model, &args.context.params())?;
-    pipeline::check_prompt(&ctx, tokens.len())?;
+    if args.stream && args.compress.method == crate::compress::Method::None {
+        anyhow::bail!("--kv-stream compresses each segment: choose a --kv-method");
+    }
+    if !args.stream {
+        pipeline::check_prompt(&ctx, tokens.len())?;
+    }
     let mut sampler = Sampler::new(&args.sampling.params());
     let mut compressor = args
         .compress
@@ -66,6 +76,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let hook = compressor.as_mut().map(|compressor| pipeline::Hook {
         compressor,
         budget: args.compress.budget,
+        stream: args.stream,
     });
 
     let stream = !args.json;
@@ -99,6 +110,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         if let Some(c) = &generation.compression {
             out["compression"] = serde_json::to_value(c)?;
         }
+        if let Some(s) = &generation.stream {
+            out["stream"] = serde_json::to_value(s)?;
+        }
         writeln!(stdout, "{}", serde_json::to_string_pretty(&out)?)?;
     } else {
         writeln!(stdout)?;
@@ -117,6 +131,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 c.attn_width_before,
                 c.attn_width_after,
                 c.ms.importance + c.ms.select + c.ms.compact
+            );
+        }
+        if let Some(s) = &generation.stream {
+            eprintln!(
+                "streamed in {} segments, {} compressions: {} cells, {:.2} MiB live",
+                s.segments,
+                s.compressions,
+                s.cells_after,
+                s.bytes_live_after as f64 / (1u64 << 20) as f64
             );
         }
         if let Some(kv) = kv {

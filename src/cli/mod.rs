@@ -12,8 +12,8 @@ mod verify;
 use clap::{Args, Parser, Subcommand};
 
 use crate::compress::{
-    Budget, ChunkKv, ChunkScore, CompressError, Compressor, Method, Reconstruction, Scorer,
-    TurnState,
+    Budget, ChunkKv, ChunkScore, Chunking, CompressError, Compressor, Method, Reconstruction,
+    Scorer, TurnState,
 };
 use crate::llama::{
     Backend, CacheType, Context, ContextParams, FlashAttn, Model, ModelParams, SamplingParams,
@@ -249,6 +249,10 @@ pub struct ChunkArgs {
     /// Average-pool token scores with this kernel before chunking (0: off).
     #[arg(long = "kv-pool", default_value_t = 0)]
     pub pool: usize,
+    /// Where chunks begin: every --chunk-size tokens, or after each sentence
+    /// end (split at twice --chunk-size).
+    #[arg(long = "chunk-by", value_enum, default_value = "tokens")]
+    pub chunk_by: Chunking,
     /// What scores the cache: the observation window (the prompt's end, its
     /// question if it has one) or context reconstruction (KVzip: query-agnostic,
     /// about one more prefill of cost). `kvzip` always reconstructs.
@@ -270,6 +274,7 @@ impl ChunkArgs {
             window: self.window,
             chunk_score: self.chunk_score,
             pool: (self.pool > 1).then_some(self.pool),
+            chunking: self.chunk_by,
         };
         shape.check()?;
         Ok(shape)

@@ -65,6 +65,10 @@ impl Policy for H2o {
         "h2o"
     }
 
+    fn per_head(&self) -> bool {
+        true
+    }
+
     fn score_rows(&self) -> Option<ScoreRows> {
         Some(ScoreRows::All)
     }
@@ -97,6 +101,10 @@ impl Default for SnapKv {
 impl Policy for SnapKv {
     fn name(&self) -> &'static str {
         "snapkv"
+    }
+
+    fn per_head(&self) -> bool {
+        true
     }
 
     fn score_rows(&self) -> Option<ScoreRows> {
@@ -175,6 +183,14 @@ impl Policy for PyramidKv {
         "pyramidkv"
     }
 
+    fn per_head(&self) -> bool {
+        true
+    }
+
+    fn uniform_counts(&self) -> bool {
+        false
+    }
+
     fn score_rows(&self) -> Option<ScoreRows> {
         self.snap.score_rows()
     }
@@ -198,6 +214,10 @@ pub struct KvZip;
 impl Policy for KvZip {
     fn name(&self) -> &'static str {
         "kvzip"
+    }
+
+    fn per_head(&self) -> bool {
+        true
     }
 
     fn score_rows(&self) -> Option<ScoreRows> {

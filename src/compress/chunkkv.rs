@@ -14,6 +14,19 @@ pub enum ChunkScore {
     Sum,
     /// Mean of token scores (NVIDIA kvpress).
     Mean,
+    /// The highest token score: a chunk is worth its most needed token
+    /// (reconstruction scores are spiky: one surprising token per fact).
+    Max,
+}
+
+/// Where chunks begin (`--chunk-by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Chunking {
+    /// Every `c` positions, aligned to position 0 (the paper).
+    #[default]
+    Tokens,
+    /// After each sentence end, a chunk split when it reaches 2·`c` tokens.
+    Sentences,
 }
 
 /// ChunkKV's settings.
@@ -26,6 +39,7 @@ pub struct ChunkKv {
     pub chunk_score: ChunkScore,
     /// Average-pool token scores with this odd kernel before chunking (kvpress: 5); None: off.
     pub pool: Option<usize>,
+    pub chunking: Chunking,
 }
 
 impl ChunkKv {
@@ -52,6 +66,7 @@ impl Default for ChunkKv {
             window: 32,
             chunk_score: ChunkScore::Sum,
             pool: None,
+            chunking: Chunking::Tokens,
         }
     }
 }
@@ -90,10 +105,11 @@ impl ChunkKv {
         let mut start = 0;
         for i in 1..=n {
             if i == n || chunk[i] != chunk[start] {
-                let sum: f32 = scores[start..i].iter().sum();
+                let span = &scores[start..i];
                 let score = match self.chunk_score {
-                    ChunkScore::Sum => sum,
-                    ChunkScore::Mean => sum / (i - start) as f32,
+                    ChunkScore::Sum => span.iter().sum(),
+                    ChunkScore::Mean => span.iter().sum::<f32>() / span.len() as f32,
+                    ChunkScore::Max => span.iter().copied().fold(f32::NEG_INFINITY, f32::max),
                 };
                 chunks.push((start, i, score));
                 start = i;
@@ -127,6 +143,10 @@ impl Policy for ChunkKv {
 
     fn chunk_size(&self) -> usize {
         self.chunk_size
+    }
+
+    fn chunking(&self) -> Chunking {
+        self.chunking
     }
 
     /// One set for all heads: token scores summed over KV heads.

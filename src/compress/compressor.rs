@@ -6,13 +6,15 @@
 //! width and the live bytes really shrink. It can run again on a cache it
 //! already compressed (a later chat turn).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use super::policy::{HeadCandidates, LayerCandidates, Policy};
 use super::reconstruct::Reconstruction;
 use super::reuse::ReuseGroups;
+use super::sentences::SentenceEnds;
 use super::slots::SlotTable;
+use super::Chunking;
 use super::Scorer;
 use crate::llama::{
     CompactError, Context, DeadSlots, DecodeError, KvPart, LayerImportance, Pos, ScoreReduce,
@@ -96,6 +98,8 @@ pub struct Compressor {
     slots: SlotTable,
     /// Prompts for query-agnostic scoring, when configured.
     reconstruction: Option<Reconstruction>,
+    /// Sentence ends of the positions prefilled through this compressor.
+    sentences: SentenceEnds,
 }
 
 impl std::fmt::Debug for Compressor {
@@ -150,6 +154,59 @@ impl Compressor {
                 info.architecture
             )));
         }
+        // Layers that read another layer's K/V (Gemma 3n) get no dead-slot mask of their own.
+        let stored = layers.len() + ctx.kv_layers(KvPart::Swa).len();
+        if !policy.uniform_counts() && stored < model.n_layer() as usize {
+            return Err(CompressError::Unsupported(format!(
+                "{}: {} of {} layers reuse another layer's KV cache, which {} cannot mask per layer",
+                info.architecture,
+                model.n_layer() as usize - stored,
+                model.n_layer(),
+                policy.name()
+            )));
+        }
+        // ALiBi biases attention by the distance between cell positions, one
+        // per slot: every layer and head must keep the same tokens there.
+        let alibi = model
+            .meta(&format!("{}.attention.max_alibi_bias", info.architecture))
+            .and_then(|v| v.parse::<f32>().ok())
+            .is_some_and(|b| b > 0.0);
+        let mut reuse = reuse;
+        if alibi {
+            if policy.per_head() {
+                return Err(CompressError::Unsupported(format!(
+                    "{} uses ALiBi position biases: {} keeps different tokens per KV head, which \
+                     would bias attention by the wrong distances; use chunkkv, streaming or random",
+                    info.architecture,
+                    policy.name()
+                )));
+            }
+            if reuse < layers.len() {
+                tracing::warn!(
+                    "{} uses ALiBi: one kept set for all layers (--reuse-layers {})",
+                    info.architecture,
+                    layers.len()
+                );
+                reuse = layers.len();
+            }
+        }
+        let heads = layers
+            .iter()
+            .map(|&il| model.layer_n_head_kv(il) as usize)
+            .collect();
+        Self::for_layers(policy, window, reuse, layers, heads)
+    }
+
+    /// A compressor for a cache of the given shape without a model: the
+    /// model-layer index and KV heads of each storage layer. Only the host side
+    /// ([`Compressor::plan`]) can run on it; benchmarks use it.
+    pub fn for_layers(
+        policy: Box<dyn Policy>,
+        window: usize,
+        reuse: usize,
+        layers: Vec<u32>,
+        heads: Vec<usize>,
+    ) -> Result<Self, CompressError> {
         if window == 0 {
             return Err(CompressError::Config(
                 "the observation window must be at least 1 token".into(),
@@ -160,10 +217,11 @@ impl Compressor {
                 "--reuse-layers must be at least 1".into(),
             ));
         }
-        let heads = layers
-            .iter()
-            .map(|&il| model.layer_n_head_kv(il) as usize)
-            .collect();
+        if layers.len() != heads.len() || layers.is_empty() {
+            return Err(CompressError::Config(
+                "one KV-head count per storage layer".into(),
+            ));
+        }
         Ok(Compressor {
             groups: ReuseGroups::new(layers.len(), reuse),
             policy,
@@ -172,7 +230,17 @@ impl Compressor {
             heads,
             slots: SlotTable::default(),
             reconstruction: None,
+            sentences: SentenceEnds::default(),
         })
+    }
+
+    /// Records where sentences end among `tokens` at positions `start..`, for
+    /// `--chunk-by sentences`. The prefill methods do it themselves; callers
+    /// that prefill a head elsewhere (eval, compare) tell it here.
+    pub fn observe(&mut self, model: &crate::llama::Model, tokens: &[Token], start: Pos) {
+        if self.policy.chunking() == Chunking::Sentences {
+            self.sentences.observe(model, tokens, start);
+        }
     }
 
     /// Scores by context reconstruction ([`Scorer::Reconstruct`]) by default,
@@ -212,15 +280,17 @@ impl Compressor {
         &self.slots
     }
 
-    /// Switches the selection policy for later compressions, keeping the slot
-    /// table and reuse groups of the cache compressed so far.
-    pub fn set_policy(&mut self, policy: Box<dyn Policy>) {
+    /// Switches the selection policy and its reuse group size for later
+    /// compressions, keeping the slot table of the cache compressed so far.
+    pub fn set_policy(&mut self, policy: Box<dyn Policy>, reuse: usize) {
         self.policy = policy;
+        self.groups = ReuseGroups::new(self.layers.len(), reuse.max(1));
     }
 
     /// Forget the slot table (call after clearing the cache).
     pub fn reset(&mut self) {
         self.slots.clear();
+        self.sentences.clear();
     }
 
     /// Prefills `tokens` at positions `start..` (logits for the last one) and
@@ -301,6 +371,7 @@ impl Compressor {
         if self.policy.needs_reconstruction() && scorer != Scorer::Reconstruct {
             return Err(self.no_reconstruction());
         }
+        self.observe(ctx.model(), tokens, start);
         let t_all = Instant::now();
         let before = stats(ctx)?;
         let n = tokens.len();
@@ -326,6 +397,7 @@ impl Compressor {
             let importance = self.reconstruct_scores(ctx, head)?;
             ms.importance = t_imp.elapsed().as_secs_f64() * 1e3;
             full = with_window(stats(ctx)?, w);
+            let keep = keep_last(keep, start + head.len() as Pos - 1);
             (ms.select, ms.compact) =
                 self.select_and_compact(ctx, &importance, keep, n_keep - w)?;
             ctx.decode_tokens(tail, start + head.len() as Pos, SEQ, true)?;
@@ -427,20 +499,10 @@ impl Compressor {
         if n_keep >= total || n_keep <= w || self.policy.score_rows().is_none() {
             return self.window_inner(ctx, window, start, n_keep, None, budget);
         }
-        let leaders: Vec<LayerImportance> = self
-            .leader_layers()
-            .into_iter()
-            .map(|il| {
-                scores
-                    .iter()
-                    .find(|s| s.layer == il)
-                    .cloned()
-                    .ok_or(CompressError::NoImportance(il))
-            })
-            .collect::<Result<_, _>>()?;
+        let leaders = self.group_scores(scores)?;
         let full = with_window(stats(ctx)?, w);
         let keep = Keep {
-            from: Pos::MAX,
+            from: start - 1,
             history: false,
             short: false,
         };
@@ -565,11 +627,7 @@ impl Compressor {
             None => Vec::new(),
         };
         for (imp, prior) in importance.iter_mut().zip(prior.unwrap_or_default()) {
-            for (h, p) in imp.per_head.iter_mut().zip(&prior.per_head) {
-                for (x, y) in h.iter_mut().zip(p) {
-                    *x += y;
-                }
-            }
+            imp.add(prior);
         }
         ms.importance = t_imp.elapsed().as_secs_f64() * 1e3;
         let full = stats(ctx)?;
@@ -592,8 +650,56 @@ impl Compressor {
             .reconstruction
             .as_ref()
             .ok_or_else(|| self.no_reconstruction())?;
-        let leaders = self.leader_flags(ctx);
-        rec.score(ctx, SEQ, head, &leaders)
+        let mut every = vec![false; ctx.model().n_layer() as usize];
+        for &il in &self.layers {
+            every[il as usize] = true;
+        }
+        let all = rec.score(ctx, SEQ, head, &every)?;
+        self.group_scores(&all)
+    }
+
+    /// One score per reuse group from reconstruction scores of every layer:
+    /// the sum over the group's layers, filed under the leader. Reconstruction
+    /// costs the same for every layer, and the first layers attend by
+    /// position more than by content, so a leader alone would choose for its
+    /// group from its own narrow view.
+    fn group_scores(&self, all: &[LayerImportance]) -> Result<Vec<LayerImportance>, CompressError> {
+        let of = |il: u32| {
+            all.iter()
+                .find(|s| s.layer == il)
+                .ok_or(CompressError::NoImportance(il))
+        };
+        self.groups
+            .groups()
+            .iter()
+            .map(|group| {
+                let leader = self.layers[group[0]];
+                let mut sum = of(leader)?.clone();
+                for &l in &group[1..] {
+                    sum.add(of(self.layers[l])?);
+                }
+                Ok(sum)
+            })
+            .collect()
+    }
+
+    /// The host side of one compression, on cells whose positions are `meta`
+    /// (`None`: empty) and scores `importance` (one per reuse group's leader,
+    /// by cell), the last window of positions kept whole: the positions each
+    /// storage layer and KV head would keep, in slot order (`-1`: a dead
+    /// slot). Nothing is moved.
+    pub fn plan(
+        &self,
+        meta: &[Option<Pos>],
+        importance: &[LayerImportance],
+        n_keep: usize,
+    ) -> Result<Vec<Vec<Vec<Pos>>>, CompressError> {
+        let keep = Keep {
+            from: meta.iter().flatten().max().map_or(Pos::MAX, |&p| p + 1) - self.window as Pos,
+            history: false,
+            short: false,
+        };
+        Ok(self.select(meta, importance, keep, n_keep)?.kept_pos)
     }
 
     fn no_reconstruction(&self) -> CompressError {
@@ -614,7 +720,8 @@ impl Compressor {
         n_keep: usize,
     ) -> Result<(f64, f64), CompressError> {
         let t_sel = Instant::now();
-        let sel = self.select(ctx, importance, keep, n_keep)?;
+        let meta = ctx.kv_cell_positions(KvPart::Base, SEQ);
+        let sel = self.select(&meta, importance, keep, n_keep)?;
         let select_ms = t_sel.elapsed().as_secs_f64() * 1e3;
 
         let t_compact = Instant::now();
@@ -650,12 +757,11 @@ impl Compressor {
     /// Chooses the kept cells of every storage layer and head.
     fn select(
         &self,
-        ctx: &Context<'_>,
+        meta: &[Option<Pos>],
         importance: &[LayerImportance],
         keep: Keep,
         n_keep: usize,
     ) -> Result<Selection, CompressError> {
-        let meta = ctx.kv_cell_positions(KvPart::Base, SEQ);
         let used: Vec<usize> = (0..meta.len()).filter(|&c| meta[c].is_some()).collect();
         // The window is the freshest tokens: the same cells in every layer.
         let in_window = |c: usize| !self.slots.is_compacted(c) && meta[c] >= Some(keep.from);
@@ -677,7 +783,7 @@ impl Compressor {
         let cands: Vec<LayerCandidates> = groups
             .iter()
             .enumerate()
-            .map(|(g, group)| self.candidates(group[0], &candidates, &meta, importance.get(g)))
+            .map(|(g, group)| self.candidates(group[0], &candidates, meta, importance.get(g)))
             .collect();
         // Layers of an earlier per-layer compaction may hold fewer live candidates.
         let n_cand = cands
@@ -703,18 +809,18 @@ impl Compressor {
                         pick.iter().map(|&i| head.cell[i]).collect()
                     } else {
                         let want: Vec<Pos> = pick.iter().map(|&i| head.pos[i]).collect();
-                        self.cells_holding(l, leader, h, &want, &candidates, &meta)?
+                        self.cells_holding(l, h, &want, &candidates, meta)
                     };
                     cells.extend(
                         locked
                             .iter()
                             .copied()
-                            .filter(|&c| self.slots.position(l, h, c, &meta).is_some()),
+                            .filter(|&c| self.slots.position(l, h, c, meta).is_some()),
                     );
                     cells.extend(window.iter().copied());
                     let mut pairs: Vec<(Pos, usize)> = cells
                         .iter()
-                        .map(|&c| (self.slots.position(l, h, c, &meta).unwrap_or(Pos::MAX), c))
+                        .map(|&c| (self.slots.position(l, h, c, meta).unwrap_or(Pos::MAX), c))
                         .collect();
                     pairs.sort_unstable();
                     layer_src.push(pairs.iter().map(|&(_, c)| c as i32).collect());
@@ -752,6 +858,7 @@ impl Compressor {
         imp: Option<&LayerImportance>,
     ) -> LayerCandidates {
         let chunk_size = self.policy.chunk_size().max(1);
+        let sentences = self.policy.chunking() == Chunking::Sentences;
         let mut heads: Vec<HeadCandidates> = Vec::with_capacity(self.heads[leader]);
         for h in 0..self.heads[leader] {
             // Heads holding the same positions (always, for ChunkKV) share one ordering.
@@ -775,18 +882,30 @@ impl Compressor {
                     .collect();
                 items.sort_unstable();
                 let mut out = HeadCandidates::default();
-                let mut last_key = None;
+                let mut last: Option<(Pos, usize)> = None;
+                let mut run = 0;
                 let mut id = 0u32;
                 for &(p, c) in &items {
-                    let key = if self.slots.is_compacted(c) {
-                        (0, c / chunk_size)
-                    } else {
-                        (1, p as usize / chunk_size)
-                    };
-                    if last_key.is_some_and(|k| k != key) {
+                    let compacted = self.slots.is_compacted(c);
+                    let new_chunk = last.is_some_and(|(lp, lc)| {
+                        if compacted != self.slots.is_compacted(lc) {
+                            return true;
+                        }
+                        // Slots of an earlier compaction: by slot index.
+                        if compacted {
+                            return c / chunk_size != lc / chunk_size;
+                        }
+                        if sentences && self.sentences.known(p) {
+                            return lp + 1 != p || self.sentences.ends(lp) || run >= 2 * chunk_size;
+                        }
+                        p as usize / chunk_size != lp as usize / chunk_size
+                    });
+                    if new_chunk {
                         id += 1;
+                        run = 0;
                     }
-                    last_key = Some(key);
+                    run += 1;
+                    last = Some((p, c));
                     out.pos.push(p);
                     out.cell.push(c);
                     out.chunk.push(id);
@@ -802,29 +921,45 @@ impl Compressor {
     }
 
     /// Cells of storage layer `l`, head `h` holding the positions `want`.
+    /// A follower that no longer holds some of them (its history was
+    /// compacted under other reuse groups, after `/method` switched) takes
+    /// the nearest positions it does hold instead, so it keeps as many.
     fn cells_holding(
         &self,
         l: usize,
-        leader: usize,
         h: usize,
         want: &[Pos],
         candidates: &[usize],
         meta: &[Option<Pos>],
-    ) -> Result<Vec<usize>, CompressError> {
-        let map: HashMap<Pos, usize> = candidates
+    ) -> Vec<usize> {
+        let held: BTreeMap<Pos, usize> = candidates
             .iter()
             .filter_map(|&c| self.slots.position(l, h, c, meta).map(|p| (p, c)))
             .collect();
-        want.iter()
-            .map(|p| {
-                map.get(p).copied().ok_or_else(|| {
-                    CompressError::Unsupported(format!(
-                        "storage layer {l} no longer holds position {p} kept by its leader {leader}; \
-                         keep --reuse-layers the same for the whole conversation"
-                    ))
-                })
-            })
-            .collect()
+        let mut free = held.clone();
+        let mut out: Vec<usize> = want.iter().filter_map(|p| free.remove(p)).collect();
+        for p in want.iter().filter(|p| !held.contains_key(p)) {
+            let below = free.range(..*p).next_back().map(|(&q, _)| q);
+            let above = free.range(*p..).next().map(|(&q, _)| q);
+            let nearest = match (below, above) {
+                (Some(b), Some(a)) => Some(if p - b <= a - p { b } else { a }),
+                (b, a) => b.or(a),
+            };
+            if let Some(q) = nearest {
+                out.extend(free.remove(&q));
+            }
+        }
+        out
+    }
+}
+
+/// `keep` that also keeps the token at `last` (and any fresh one after it):
+/// llama.cpp accepts new tokens only right after the highest position a
+/// sequence holds, so the token before a window decoded after compaction stays.
+fn keep_last(keep: Keep, last: Pos) -> Keep {
+    Keep {
+        from: keep.from.min(last),
+        ..keep
     }
 }
 

@@ -8,11 +8,13 @@ pub mod compressor;
 pub mod policy;
 pub mod reconstruct;
 pub mod reuse;
+pub mod sentences;
 pub mod slots;
+pub mod stream;
 pub mod verify;
 
 pub use budget::Budget;
-pub use chunkkv::{ChunkKv, ChunkScore};
+pub use chunkkv::{ChunkKv, ChunkScore, Chunking};
 pub use compressor::{CompressError, CompressionReport, Compressor, Keep, Prefilled, StageMs};
 pub use policy::{HeadCandidates, LayerCandidates, Policy};
 pub use reconstruct::{Reconstruction, TurnState};

@@ -45,6 +45,18 @@ pub trait Policy: Send + Sync {
     /// Which queries must score the keys, or `None` if the policy needs no scores.
     fn score_rows(&self) -> Option<ScoreRows>;
 
+    /// Whether each KV head keeps its own tokens (SnapKV, H2O, PyramidKV,
+    /// KVzip) rather than one set for all heads of a layer.
+    fn per_head(&self) -> bool {
+        false
+    }
+
+    /// Whether every layer keeps the same count (PyramidKV does not: its
+    /// short layers' surplus slots are masked dead).
+    fn uniform_counts(&self) -> bool {
+        true
+    }
+
     /// Whether the policy is defined on reconstruction scores (`kvzip`).
     fn needs_reconstruction(&self) -> bool {
         false
@@ -53,6 +65,11 @@ pub trait Policy: Send + Sync {
     /// Tokens per chunk the candidates are grouped into (1: single tokens).
     fn chunk_size(&self) -> usize {
         1
+    }
+
+    /// Where chunks of fresh tokens begin.
+    fn chunking(&self) -> super::Chunking {
+        super::Chunking::Tokens
     }
 
     /// How many candidates each of `n_groups` scored layer groups (bottom

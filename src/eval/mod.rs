@@ -341,18 +341,19 @@ fn run_prompt(
     } else {
         Vec::new()
     };
-    let head_state = ctx.state_seq_get(SEQ)?;
+    let head_state = ctx.save_seq(SEQ)?;
 
     let mut teacher: Option<Teacher> = None;
     for (spec, budget) in configs {
         ctx.memory_clear(true);
-        ctx.state_seq_set(SEQ, &head_state)?;
+        ctx.restore_seq(SEQ, &head_state)?;
         match budget {
             None => ctx.decode_tokens(window, (n - w) as i32, SEQ, true)?,
             Some(b) => {
                 let m = spec.method;
                 let reuse = if m == Method::Chunkkv { cfg.reuse } else { 1 };
                 let mut c = Compressor::new(ctx, m.policy(&cfg.chunk, cfg.seed)?, w, reuse)?;
+                c.observe(ctx.model(), head, 0);
                 let n_keep = b.cells_for(n).max(1);
                 let at = (n - w) as i32;
                 if spec.scorer_or(cfg.scorer) == Scorer::Reconstruct && m.scores() {
@@ -416,13 +417,11 @@ fn run_prompt(
             });
         } else {
             // Every question from the same compressed state.
-            let state = ctx.state_seq_get(SEQ)?;
-            let dead = ctx.dead_slots().to_vec();
+            let state = ctx.save_seq(SEQ)?;
             for (j, (ask, q)) in asks.iter().zip(&sample.questions).enumerate() {
                 if j > 0 {
                     ctx.memory_clear(true);
-                    ctx.state_seq_set(SEQ, &state)?;
-                    ctx.set_dead_slots(&dead).map_err(CompressError::from)?;
+                    ctx.restore_seq(SEQ, &state)?;
                 }
                 ctx.decode_tokens(ask, n as i32, SEQ, true)?;
                 let mut greedy = Sampler::new(&SamplingParams::greedy());

@@ -12,7 +12,7 @@ use crate::llama::{Model, Token};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
-    #[error("unknown task `{0}`: niah, passkey, ruler, gsm8k-icl or fidelity")]
+    #[error("unknown task `{0}`: niah, passkey, ruler (or ruler-mk, ruler-mv, ruler-vt), gsm8k-icl or fidelity")]
     Unknown(String),
     #[error("task {task} needs {path}, which cannot be read ({source}); set --data or $CHUNKKV_DATA to the data directory")]
     MissingData {
@@ -69,6 +69,9 @@ pub struct Sample {
 /// The tasks `--tasks` names.
 pub const TASKS: &[&str] = &["niah", "passkey", "ruler", "gsm8k-icl", "fidelity"];
 
+/// Tasks `--tasks` also takes: one part of `ruler`.
+pub const RULER_PARTS: &[&str] = &["ruler-mk", "ruler-mv", "ruler-vt"];
+
 /// What the generators need.
 #[derive(Debug, Clone)]
 pub struct TaskConfig {
@@ -109,6 +112,11 @@ pub fn generate(model: &Model, task: &str, cfg: &TaskConfig) -> Result<Vec<Sampl
         "niah" => niah(model, cfg),
         "passkey" => passkey(model, cfg),
         "ruler" => ruler(model, cfg),
+        // One RULER task alone (the generator's draws stay those of the full set).
+        "ruler-mk" | "ruler-mv" | "ruler-vt" => Ok(ruler(model, cfg)?
+            .into_iter()
+            .filter(|s| s.task == task)
+            .collect()),
         "gsm8k-icl" => gsm8k_icl(model, cfg),
         "fidelity" => fidelity(model, cfg),
         other => Err(TaskError::Unknown(other.to_string())),

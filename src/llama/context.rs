@@ -228,6 +228,26 @@ impl ContextParams {
     }
 }
 
+/// A saved sequence ([`Context::save_seq`]): llama.cpp's state bytes, and
+/// the dead-slot mask and compacted range that go with them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqState {
+    bytes: Vec<u8>,
+    dead: Vec<DeadSlots>,
+    compacted_until: Option<Pos>,
+}
+
+impl SeqState {
+    /// llama.cpp's serialized cells (what [`Context::state_seq_get`] returns).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn dead_slots(&self) -> &[DeadSlots] {
+        &self.dead
+    }
+}
+
 /// A llama.cpp context bound to the model it was made from.
 pub struct Context<'m> {
     ptr: NonNull<sys::llama_context>,
@@ -236,6 +256,9 @@ pub struct Context<'m> {
     n_batch: u32,
     /// The per-layer dead slots llama.cpp currently masks (patch 0004).
     dead: Vec<DeadSlots>,
+    /// The highest position held by a slot of the last compaction: slots up
+    /// to it may hold different positions in different layers and heads.
+    compacted_until: Option<Pos>,
     /// Thread counts for single-token and batched decodes, when not fixed.
     tuners: Option<[ThreadTuner; 2]>,
     /// Thread counts llama.cpp was last told (generation, batch).
@@ -326,6 +349,7 @@ impl<'m> Context<'m> {
             n_ctx,
             n_batch,
             dead: Vec::new(),
+            compacted_until: None,
             tuners,
             n_threads: (n_threads, n_threads),
         })
@@ -375,7 +399,7 @@ impl<'m> Context<'m> {
         let t0 = std::time::Instant::now();
         let mut chosen = None;
         if let Some(tuners) = self.tuners.as_mut() {
-            let n = tuners[kind].next(t0);
+            let n = tuners[kind].next(t0, crate::hardware::others_running());
             let mut want = self.n_threads;
             if kind == 0 {
                 want.0 = n;
@@ -465,13 +489,26 @@ impl<'m> Context<'m> {
         // SAFETY: valid memory.
         unsafe { sys::llama_memory_clear(self.memory(), data) }
         self.clear_dead_slots();
+        self.compacted_until = None;
     }
 
     /// Removes positions `[p0, p1)` of `seq` (negative bounds are open). Returns
-    /// false if llama.cpp cannot remove a partial range (recurrent memory).
+    /// false, removing nothing, if llama.cpp cannot remove a partial range
+    /// (recurrent memory) or the range reaches into compacted slots: a slot's
+    /// cell position is one layer's; others may hold another token there.
+    /// Removing tokens decoded after the compaction, or everything, is fine.
     pub fn seq_rm(&mut self, seq: SeqId, p0: Pos, p1: Pos) -> bool {
+        let whole = p0 <= 0 && p1 < 0;
+        if self.compacted_until.is_some_and(|m| p0 <= m) && !whole {
+            return false;
+        }
         // SAFETY: valid memory.
-        unsafe { sys::llama_memory_seq_rm(self.memory(), seq, p0, p1) }
+        let ok = unsafe { sys::llama_memory_seq_rm(self.memory(), seq, p0, p1) };
+        if ok && whole {
+            self.clear_dead_slots();
+            self.compacted_until = None;
+        }
+        ok
     }
 
     pub fn seq_cp(&mut self, src: SeqId, dst: SeqId, p0: Pos, p1: Pos) {
@@ -484,10 +521,16 @@ impl<'m> Context<'m> {
         unsafe { sys::llama_memory_seq_keep(self.memory(), seq) }
     }
 
-    /// Adds `delta` to the positions `[p0, p1)` of `seq`.
-    pub fn seq_add(&mut self, seq: SeqId, p0: Pos, p1: Pos, delta: Pos) {
+    /// Adds `delta` to the positions `[p0, p1)` of `seq`. Returns false,
+    /// shifting nothing, when the range reaches into compacted slots (their
+    /// positions differ between layers; one shift per cell would be wrong).
+    pub fn seq_add(&mut self, seq: SeqId, p0: Pos, p1: Pos, delta: Pos) -> bool {
+        if self.compacted_until.is_some_and(|m| p0 <= m) {
+            return false;
+        }
         // SAFETY: valid memory.
-        unsafe { sys::llama_memory_seq_add(self.memory(), seq, p0, p1, delta) }
+        unsafe { sys::llama_memory_seq_add(self.memory(), seq, p0, p1, delta) };
+        true
     }
 
     /// Smallest position of `seq`, `None` when empty.
@@ -521,11 +564,14 @@ impl<'m> Context<'m> {
     }
 
     /// Restores a sequence saved by [`Context::state_seq_get`] into `seq`
-    /// (which should be empty). A context with fewer cells works if they suffice.
+    /// (which should be empty). A context with fewer cells works if they
+    /// suffice. The raw bytes carry no dead-slot mask: use
+    /// [`Context::save_seq`] / [`Context::restore_seq`] for compacted caches.
     pub fn state_seq_set(&mut self, seq: SeqId, data: &[u8]) -> Result<(), StateError> {
         // SAFETY: data is readable for its length.
         // The restored cells are new: a mask of the old ones would hide the wrong slots.
         self.clear_dead_slots();
+        self.compacted_until = None;
         let n = unsafe {
             sys::llama_state_seq_set_data(self.ptr.as_ptr(), data.as_ptr(), data.len(), seq)
         };
@@ -534,6 +580,27 @@ impl<'m> Context<'m> {
         } else {
             Ok(())
         }
+    }
+
+    /// One sequence's cells with what makes them whole after a compaction:
+    /// the dead-slot mask and the compacted range.
+    pub fn save_seq(&self, seq: SeqId) -> Result<SeqState, StateError> {
+        Ok(SeqState {
+            bytes: self.state_seq_get(seq)?,
+            dead: self.dead.clone(),
+            compacted_until: self.compacted_until,
+        })
+    }
+
+    /// Restores a [`SeqState`] into `seq` (which should be empty), mask included.
+    pub fn restore_seq(&mut self, seq: SeqId, state: &SeqState) -> Result<(), StateError> {
+        self.state_seq_set(seq, &state.bytes)?;
+        if !state.dead.is_empty() {
+            self.set_dead_slots(&state.dead)
+                .map_err(|_| StateError::Rejected)?;
+        }
+        self.compacted_until = state.compacted_until;
+        Ok(())
     }
 
     /// Model-layer index of each storage layer of a cache part, in storage order.
@@ -655,8 +722,6 @@ impl<'m> Context<'m> {
         if src.len() != layers.len() || flat.len() != expected || n_keep == 0 {
             return Err(CompactError::BadArguments);
         }
-        // Compaction rewrites every slot: the old mask no longer applies.
-        self.clear_dead_slots();
         // SAFETY: flat and slot_pos hold exactly the entries llama_kv_compact reads (checked above).
         let rc = unsafe {
             sys::llama_kv_compact(
@@ -669,7 +734,13 @@ impl<'m> Context<'m> {
             )
         };
         match rc {
-            0 => Ok(()),
+            0 => {
+                // Every slot was rewritten: the old mask no longer applies. A
+                // refused compaction left the cache, and so its mask, as it was.
+                self.clear_dead_slots();
+                self.compacted_until = slot_pos.iter().copied().max();
+                Ok(())
+            }
             -1 => Err(CompactError::BadArguments),
             -2 => Err(CompactError::SharedStream),
             -3 => Err(CompactError::UnsupportedLayout),

@@ -85,6 +85,18 @@ pub struct LayerImportance {
     pub per_head: Vec<Vec<f32>>,
 }
 
+impl LayerImportance {
+    /// Adds `other`'s scores head by head and cell by cell (scores from
+    /// several passes or several layers of one reuse group).
+    pub fn add(&mut self, other: &LayerImportance) {
+        for (acc, h) in self.per_head.iter_mut().zip(&other.per_head) {
+            for (a, x) in acc.iter_mut().zip(h) {
+                *a += x;
+            }
+        }
+    }
+}
+
 /// Failure of an on-device compaction (codes of `llama_kv_compact`).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompactError {

@@ -13,7 +13,7 @@ mod state;
 
 pub use backend::{Backend, Device, DeviceKind};
 pub use batch::Batch;
-pub use context::{CacheType, Context, ContextParams, FlashAttn, Pos, SeqId};
+pub use context::{CacheType, Context, ContextParams, FlashAttn, Pos, SeqId, SeqState};
 pub use detok::StreamDecoder;
 pub use error::{
     ChatTemplateError, ContextError, DecodeError, LoadError, StateError, TokenizeError,
