@@ -297,3 +297,69 @@ fn eval_refuses_bad_input_clearly() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// Both modes side by side: each context compressed before its questions
+/// (reconstruction and window scorers, KVzip), two questions asked of one
+/// compressed state, and the same questions inside the prompt.
+#[test]
+fn query_agnostic_and_aware_modes_run_side_by_side() {
+    let out = std::env::temp_dir().join(format!("chunkkv-eval-qa-{}", std::process::id()));
+    let model = model_path("smollm2-135m");
+    let o = Command::new(bin())
+        .args(["eval", "-m", model.to_str().unwrap(), "-t", "2"])
+        .args(["--tasks", "niah", "--samples", "1", "--length", "512"])
+        .args(["--questions", "2", "--both-modes"])
+        .args([
+            "--methods",
+            "none,chunkkv:reconstruct,chunkkv,kvzip",
+            "--budgets",
+            "0.3",
+        ])
+        .arg("--data")
+        .arg(data_dir())
+        .arg("--out-dir")
+        .arg(&out)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is JSON");
+    let rows = v["results"].as_array().unwrap();
+    // Two modes × (full cache + three methods at one budget).
+    assert_eq!(rows.len(), 8, "{v}");
+    for task in ["niah", "niah (agnostic)"] {
+        let methods: Vec<&str> = rows
+            .iter()
+            .filter(|r| r["task"] == task)
+            .map(|r| r["method"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            methods,
+            ["none", "chunkkv:reconstruct", "chunkkv", "kvzip"],
+            "{task}"
+        );
+        // Three contexts (lengths 128, 256, 512) × two questions each.
+        for r in rows.iter().filter(|r| r["task"] == task) {
+            assert_eq!(r["n"], 6, "{r}");
+        }
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let samples = json["samples"].as_array().unwrap();
+    assert!(samples
+        .iter()
+        .any(|s| s["id"].as_str().unwrap().ends_with("#1")));
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(
+        md.contains("## niah\n") && md.contains("## niah (agnostic)"),
+        "{md}"
+    );
+    assert!(
+        md.contains("## ChunkKV (reconstruct) against each baseline"),
+        "{md}"
+    );
+    assert!(out
+        .join("niah_agnostic-chunkkv_reconstruct-30_.svg")
+        .exists());
+}

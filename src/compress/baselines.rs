@@ -6,11 +6,16 @@ use super::policy::{LayerCandidates, Policy};
 use crate::llama::ScoreRows;
 
 /// Indices of the `k` highest scores, returned in increasing index order;
-/// ties go to the earlier index.
+/// ties go to the earlier index. Linear time: a selection, not a sort.
 pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let k = k.min(scores.len());
     let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    idx.truncate(k.min(scores.len()));
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| {
+            scores[b].total_cmp(&scores[a]).then(a.cmp(&b))
+        });
+    }
+    idx.truncate(k);
     idx.sort_unstable();
     idx
 }
@@ -283,10 +288,10 @@ mod tests {
             heads: scores
                 .iter()
                 .map(|s| HeadCandidates {
-                    pos: (0..n as i32).collect(),
+                    pos: (0..n as i32).collect::<Vec<_>>().into(),
                     score: s.to_vec(),
-                    chunk: (0..n as u32).collect(),
-                    cell: (0..n).collect(),
+                    chunk: (0..n as u32).collect::<Vec<_>>().into(),
+                    cell: (0..n).collect::<Vec<_>>().into(),
                 })
                 .collect(),
         }

@@ -7,6 +7,7 @@
 //! already compressed (a later chat turn).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::policy::{HeadCandidates, LayerCandidates, Policy};
@@ -39,8 +40,11 @@ pub enum CompressError {
 /// Milliseconds spent in each stage of one compression.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct StageMs {
-    /// The scored decode of the window (its normal compute included) and the read-back.
+    /// The scored decode of the window (its normal compute included) and the
+    /// read-back; or the whole reconstruction.
     pub importance: f64,
+    /// Of `importance`: copying the leaders' scores out of llama.cpp.
+    pub readback: f64,
     pub select: f64,
     pub compact: f64,
 }
@@ -618,6 +622,7 @@ impl Compressor {
             ctx.importance_end();
         }
         decoded?;
+        let t_read = Instant::now();
         let mut importance = match rows {
             Some(_) => self
                 .leader_layers()
@@ -626,6 +631,7 @@ impl Compressor {
                 .collect::<Result<Vec<_>, _>>()?,
             None => Vec::new(),
         };
+        ms.readback = t_read.elapsed().as_secs_f64() * 1e3;
         for (imp, prior) in importance.iter_mut().zip(prior.unwrap_or_default()) {
             imp.add(prior);
         }
@@ -801,10 +807,23 @@ impl Compressor {
             let picks = self.policy.select(cands, counts[g].min(n_cand));
             for &l in group {
                 let mut layer_src: Vec<Vec<i32>> = Vec::with_capacity(self.heads[l]);
-                let mut layer_pos = Vec::with_capacity(self.heads[l]);
+                let mut layer_pos: Vec<Vec<Pos>> = Vec::with_capacity(self.heads[l]);
                 for h in 0..self.heads[l] {
-                    let head = &cands.heads[h.min(cands.heads.len() - 1)];
-                    let pick = &picks[h.min(picks.len() - 1)];
+                    // A head holding what head 0 holds, given what head 0 was
+                    // given, keeps what head 0 keeps (every head, for ChunkKV).
+                    let hp = h.min(picks.len() - 1);
+                    let hc = h.min(cands.heads.len() - 1);
+                    if h > 0
+                        && self.slots.heads_agree(l, 0, h)
+                        && picks[hp] == picks[0]
+                        && Arc::ptr_eq(&cands.heads[hc].cell, &cands.heads[0].cell)
+                    {
+                        layer_src.push(layer_src[0].clone());
+                        layer_pos.push(layer_pos[0].clone());
+                        continue;
+                    }
+                    let head = &cands.heads[hc];
+                    let pick = &picks[hp];
                     let mut cells: Vec<usize> = if self.slots.same_positions(l, leader, h) {
                         pick.iter().map(|&i| head.cell[i]).collect()
                     } else {
@@ -881,7 +900,12 @@ impl Compressor {
                     .filter_map(|&c| self.slots.position(leader, h, c, meta).map(|p| (p, c)))
                     .collect();
                 items.sort_unstable();
-                let mut out = HeadCandidates::default();
+                let (mut pos, mut cell, mut chunk, mut score) = (
+                    Vec::with_capacity(items.len()),
+                    Vec::with_capacity(items.len()),
+                    Vec::with_capacity(items.len()),
+                    Vec::with_capacity(items.len()),
+                );
                 let mut last: Option<(Pos, usize)> = None;
                 let mut run = 0;
                 let mut id = 0u32;
@@ -906,12 +930,17 @@ impl Compressor {
                     }
                     run += 1;
                     last = Some((p, c));
-                    out.pos.push(p);
-                    out.cell.push(c);
-                    out.chunk.push(id);
-                    out.score.push(imp.map_or(0.0, |imp| imp.per_head[h][c]));
+                    pos.push(p);
+                    cell.push(c);
+                    chunk.push(id);
+                    score.push(imp.map_or(0.0, |imp| imp.per_head[h][c]));
                 }
-                out
+                HeadCandidates {
+                    pos: pos.into(),
+                    score,
+                    chunk: chunk.into(),
+                    cell: cell.into(),
+                }
             });
         }
         LayerCandidates {

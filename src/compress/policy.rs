@@ -5,18 +5,22 @@
 //! their importance and the chunk each belongs to. A policy picks which of
 //! them to keep; the window is always kept by the hook.
 
+use std::sync::Arc;
+
 use crate::llama::{Pos, ScoreRows};
 
 /// One KV head's candidate tokens, in position order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HeadCandidates {
-    pub pos: Vec<Pos>,
-    /// Attention importance (summed over the scoring queries and the head's query group).
+    /// Positions, shared by the heads that hold the same ones (all of them,
+    /// unless an earlier compaction kept different tokens per head).
+    pub pos: Arc<[Pos]>,
+    /// Attention importance (over the scoring queries and the head's query group).
     pub score: Vec<f32>,
     /// Chunk id of each token: equal ids are one chunk, ids never decrease.
-    pub chunk: Vec<u32>,
+    pub chunk: Arc<[u32]>,
     /// The cache cell holding each token in this layer and head.
-    pub cell: Vec<usize>,
+    pub cell: Arc<[usize]>,
 }
 
 impl HeadCandidates {

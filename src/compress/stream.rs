@@ -76,9 +76,17 @@ pub fn feed(
     while i < n {
         let free = n_ctx.saturating_sub(used(ctx));
         let rest = n - i;
-        // Reconstruction scoring needs cells on top of the segment for a moment.
-        let scratch = match scorer {
-            Scorer::Reconstruct => compressor.reconstruction_room(256),
+        // Reconstruction scoring needs cells on top of the segment for a
+        // moment: a quarter of the free cells for its chunks, at least 64.
+        // A context too full for that scores this segment by its window.
+        let seg_scorer = match scorer {
+            Scorer::Reconstruct if free >= compressor.reconstruction_room(64) + 64 => {
+                Scorer::Reconstruct
+            }
+            _ => Scorer::Window,
+        };
+        let scratch = match seg_scorer {
+            Scorer::Reconstruct => compressor.reconstruction_room((free / 4).clamp(64, 256)),
             Scorer::Window => 0,
         };
         let fits = rest + reserve <= free && rest + scratch <= free;
@@ -126,7 +134,7 @@ pub fn feed(
             cursor.next_pos,
             n_keep.max(1),
             keep,
-            scorer,
+            seg_scorer,
             budget.json(),
         )?;
         if done.compressed {
