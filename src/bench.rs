@@ -25,6 +25,31 @@ pub struct BenchConfig {
     /// `--kv-stream`: prompts of any depth streamed through a cache of this
     /// many cells, compressed segment by segment to the first budget.
     pub stream_cells: Option<u32>,
+    /// Run one small prefill, compression and decode before measuring.
+    pub warmup: bool,
+}
+
+/// One small prefill, compression and decode in a throwaway context, like
+/// llama-bench's warm-up: a backend loads each kernel on its first use (CUDA
+/// loads modules lazily; the first compression of a process paid about 85 ms
+/// for it on an H200), which is no cost of the compression being measured.
+pub fn warm_up(
+    model: &Model,
+    params: &ContextParams,
+    shape: &ChunkKv,
+    reuse: usize,
+) -> Result<(), BenchError> {
+    let w = shape.window;
+    let tokens = prompt_tokens(model, 512 + 2, 7)?;
+    let (prompt, feed) = tokens.split_at(512);
+    let mut ctx = Context::new(model, &params.clone().with_n_ctx(1024))?;
+    let mut c = Compressor::new(&ctx, Box::new(shape.clone()), w, reuse)?;
+    c.prefill(&mut ctx, prompt, 0, 64, serde_json::json!(64))?;
+    decode_speed(&mut ctx, feed, prompt.len(), 1)?;
+    let mut plain = Context::new(model, &params.clone().with_n_ctx(1024))?;
+    plain.decode_tokens(prompt, 0, SEQ, true)?;
+    decode_speed(&mut plain, feed, prompt.len(), 1)?;
+    Ok(())
 }
 
 /// One measured configuration.
@@ -227,6 +252,9 @@ pub fn run(
     cfg: &BenchConfig,
     mut on_row: impl FnMut(&BenchRow),
 ) -> Result<Vec<BenchRow>, BenchError> {
+    if cfg.warmup {
+        warm_up(model, params, &cfg.chunkkv, cfg.reuse)?;
+    }
     if let Some(cells) = cfg.stream_cells {
         return run_stream(model, params, cfg, cells, &mut on_row);
     }

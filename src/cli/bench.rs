@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// the first --kv-budget: prefill+compression speed, peak memory, decode.
     #[arg(long = "kv-stream")]
     pub stream: bool,
+    /// Skip the warm-up run (a small prefill, compression and decode first,
+    /// so kernels load before anything is timed, as in llama-bench).
+    #[arg(long = "no-warmup")]
+    pub no_warmup: bool,
     /// Repetitions of each decode measurement.
     #[arg(short = 'r', long = "repetitions", default_value_t = 2)]
     pub reps: usize,
@@ -78,6 +82,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         reps: args.reps,
         chunkkv,
         reuse: args.chunk.reuse_layers,
+        warmup: !args.no_warmup,
         stream_cells: args.stream.then_some(match args.context.ctx_size {
             0 => 131_072,
             c => c,

@@ -144,6 +144,8 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         scorer: args.chunk.score.unwrap_or(crate::compress::Scorer::Window),
     };
     let params = args.context.fixed_params();
+    // Kernels load on first use: not a cost of the first row (llama-bench's warm-up).
+    crate::bench::warm_up(&model, &params, &cfg.chunk, cfg.reuse)?;
     let mut all = Vec::new();
     for prompt in &prompts {
         if prompt.len() + args.n_gen > info.n_ctx_train as usize {

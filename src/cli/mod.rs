@@ -243,16 +243,17 @@ pub struct ChunkArgs {
     /// Layers per reuse group sharing one kept set (1: no reuse).
     #[arg(long = "reuse-layers", default_value_t = 2)]
     pub reuse_layers: usize,
-    /// How a chunk's score is formed from its tokens' scores.
-    #[arg(long = "chunk-score", value_enum, default_value = "sum")]
-    pub chunk_score: ChunkScore,
+    /// How a chunk's score is formed from its tokens' scores [default: sum;
+    /// chat: mean].
+    #[arg(long = "chunk-score", value_enum)]
+    pub chunk_score: Option<ChunkScore>,
     /// Average-pool token scores with this kernel before chunking (0: off).
     #[arg(long = "kv-pool", default_value_t = 0)]
     pub pool: usize,
     /// Where chunks begin: every --chunk-size tokens, or after each sentence
-    /// end (split at twice --chunk-size).
-    #[arg(long = "chunk-by", value_enum, default_value = "tokens")]
-    pub chunk_by: Chunking,
+    /// end (split at twice --chunk-size) [default: tokens; chat: sentences].
+    #[arg(long = "chunk-by", value_enum)]
+    pub chunk_by: Option<Chunking>,
     /// What scores the cache: the observation window (the prompt's end, its
     /// question if it has one) or context reconstruction (KVzip: query-agnostic,
     /// about one more prefill of cost). `kvzip` always reconstructs.
@@ -272,9 +273,9 @@ impl ChunkArgs {
         let shape = ChunkKv {
             chunk_size: self.chunk_size,
             window: self.window,
-            chunk_score: self.chunk_score,
+            chunk_score: self.chunk_score.unwrap_or_default(),
             pool: (self.pool > 1).then_some(self.pool),
-            chunking: self.chunk_by,
+            chunking: self.chunk_by.unwrap_or_default(),
         };
         shape.check()?;
         Ok(shape)
