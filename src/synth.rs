@@ -41,6 +41,10 @@ pub struct SynthShape {
     pub n_vocab: u32,
     pub n_ctx_train: u32,
     pub rope_freq_base: f32,
+    /// Declares ALiBi (`llama.attention.max_alibi_bias`) when above 0; llama
+    /// itself ignores it, it exists to test that compression refuses
+    /// per-head selection on models that declare it.
+    pub max_alibi_bias: f32,
 }
 
 impl SynthShape {
@@ -59,6 +63,7 @@ impl SynthShape {
             n_vocab: 128_256,
             n_ctx_train: 131_072,
             rope_freq_base: 500_000.0,
+            max_alibi_bias: 0.0,
         }
     }
 
@@ -74,6 +79,7 @@ impl SynthShape {
             n_vocab: 1024,
             n_ctx_train: 4096,
             rope_freq_base: 10_000.0,
+            max_alibi_bias: 0.0,
         }
     }
 
@@ -438,6 +444,9 @@ fn metadata(s: &SynthShape) -> KvWriter {
     kv.u32("llama.feed_forward_length", s.n_ff);
     kv.u32("llama.attention.head_count", s.n_head);
     kv.u32("llama.attention.head_count_kv", s.n_head_kv);
+    if s.max_alibi_bias > 0.0 {
+        kv.f32("llama.attention.max_alibi_bias", s.max_alibi_bias);
+    }
     kv.f32("llama.rope.freq_base", s.rope_freq_base);
     kv.f32("llama.attention.layer_norm_rms_epsilon", 1e-5);
     kv.u32("llama.rope.dimension_count", s.head_dim());

@@ -249,3 +249,37 @@ fn switching_methods_keeps_compressing_across_reuse_groups() {
         assert!(kept.contains(&last), "layer {l}");
     }
 }
+
+/// A model that declares ALiBi: per-head policies would bias attention by the
+/// wrong distances and are refused; ChunkKV keeps one set for all layers.
+#[test]
+fn alibi_models_refuse_per_head_sets_and_share_one_set() {
+    use chunkkv::compress::baselines::H2o;
+    use chunkkv::llama::{Backend, ModelParams};
+    use chunkkv::synth::{write_random_gguf, SynthShape};
+    let path = std::env::temp_dir().join(format!("chunkkv-alibi-{}.gguf", std::process::id()));
+    let shape = SynthShape {
+        n_layer: 4,
+        max_alibi_bias: 8.0,
+        ..SynthShape::tiny()
+    };
+    write_random_gguf(&path, &shape, 3).unwrap();
+    let model = Model::load(
+        Backend::init(),
+        &path,
+        &ModelParams::default().with_n_gpu_layers(0),
+    )
+    .unwrap();
+    let x = ctx(&model, 512, FlashAttn::Off, CacheType::F16, CacheType::F16);
+    for policy in [
+        Box::new(SnapKv::default()) as Box<dyn chunkkv::compress::Policy>,
+        Box::new(H2o),
+        Box::new(PyramidKv::default()),
+    ] {
+        let e = Compressor::new(&x, policy, 32, 1).unwrap_err().to_string();
+        assert!(e.contains("ALiBi"), "{e}");
+    }
+    let c = Compressor::new(&x, Box::new(ChunkKv::default()), 32, 2).unwrap();
+    assert_eq!(c.leader_layers().len(), 1, "one kept set for all 4 layers");
+    let _ = std::fs::remove_file(&path);
+}

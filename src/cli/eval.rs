@@ -149,9 +149,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             "-c {c} is too small: the longest sample and its answer need {need} (lower --length or raise -c)"
         ),
     };
-    if n_ctx as usize > train {
-        tracing::warn!("context {n_ctx} exceeds the model's training context {train}");
-    }
     let cfg = EvalConfig {
         methods: args.methods.clone(),
         budgets: args.budgets.clone(),
@@ -197,6 +194,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let mut ctx = eval::context(&model, &args.context.params(), n_ctx)?;
+    if n_ctx as usize > train {
+        tracing::warn!("context {n_ctx} exceeds the model's training context {train}");
+    }
     let mut results: Vec<SampleResult> = Vec::new();
     for s in &samples {
         for cfg in &modes {

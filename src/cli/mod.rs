@@ -84,8 +84,22 @@ fn rewrite_llama_flag(arg: std::ffi::OsString) -> std::ffi::OsString {
 
 impl Cli {
     /// Parses the process arguments, accepting llama.cpp's `-ngl -fa -ctk -ctv -ub -sys`.
+    /// Usage errors print as one `error:` line and exit 2 (help and version
+    /// print as usual), so every failure reads alike.
     pub fn parse_args() -> Cli {
-        Cli::parse_from(Self::normalize(std::env::args_os()))
+        match Cli::try_parse_from(Self::normalize(std::env::args_os())) {
+            Ok(cli) => cli,
+            Err(e) if !e.use_stderr() => e.exit(),
+            Err(e) => {
+                let text = e.to_string();
+                let line = text
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("invalid arguments");
+                eprintln!("error: {}", line.trim_start_matches("error: "));
+                std::process::exit(2);
+            }
+        }
     }
 
     /// Rewrites llama.cpp-style flags; everything after `--` is left alone.
@@ -244,14 +258,14 @@ pub struct ChunkArgs {
     #[arg(long = "reuse-layers", default_value_t = 2)]
     pub reuse_layers: usize,
     /// How a chunk's score is formed from its tokens' scores [default: sum;
-    /// chat: mean].
+    /// chat documents: mean].
     #[arg(long = "chunk-score", value_enum)]
     pub chunk_score: Option<ChunkScore>,
     /// Average-pool token scores with this kernel before chunking (0: off).
     #[arg(long = "kv-pool", default_value_t = 0)]
     pub pool: usize,
     /// Where chunks begin: every --chunk-size tokens, or after each sentence
-    /// end (split at twice --chunk-size) [default: tokens; chat: sentences].
+    /// end (split at twice --chunk-size) [default: tokens; chat documents: sentences].
     #[arg(long = "chunk-by", value_enum)]
     pub chunk_by: Option<Chunking>,
     /// What scores the cache: the observation window (the prompt's end, its

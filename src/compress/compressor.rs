@@ -43,7 +43,9 @@ pub struct StageMs {
     /// The scored decode of the window (its normal compute included) and the
     /// read-back; or the whole reconstruction.
     pub importance: f64,
-    /// Of `importance`: copying the leaders' scores out of llama.cpp.
+    /// Of `importance`: copying the leaders' scores out of llama.cpp (shown by
+    /// `bench`; not in the JSON, whose keys are a stable interface).
+    #[serde(skip)]
     pub readback: f64,
     pub select: f64,
     pub compact: f64,
@@ -102,6 +104,9 @@ pub struct Compressor {
     slots: SlotTable,
     /// Prompts for query-agnostic scoring, when configured.
     reconstruction: Option<Reconstruction>,
+    /// The policy for text scored by reconstruction, when it differs (chat
+    /// documents chunk by sentences and rank by mean score).
+    document_policy: Option<Box<dyn Policy>>,
     /// Sentence ends of the positions prefilled through this compressor.
     sentences: SentenceEnds,
 }
@@ -234,6 +239,7 @@ impl Compressor {
             heads,
             slots: SlotTable::default(),
             reconstruction: None,
+            document_policy: None,
             sentences: SentenceEnds::default(),
         })
     }
@@ -251,6 +257,13 @@ impl Compressor {
     /// with these prompts. Policies without scores ignore it.
     pub fn with_reconstruction(mut self, rec: Reconstruction) -> Self {
         self.reconstruction = Some(rec);
+        self
+    }
+
+    /// Ranks text scored by reconstruction with `policy` instead (same kind of
+    /// selection, another shape: chat documents chunk by sentences).
+    pub fn with_document_policy(mut self, policy: Box<dyn Policy>) -> Self {
+        self.document_policy = Some(policy);
         self
     }
 
@@ -288,6 +301,7 @@ impl Compressor {
     /// compressions, keeping the slot table of the cache compressed so far.
     pub fn set_policy(&mut self, policy: Box<dyn Policy>, reuse: usize) {
         self.policy = policy;
+        self.document_policy = None;
         self.groups = ReuseGroups::new(self.layers.len(), reuse.max(1));
     }
 
@@ -363,6 +377,33 @@ impl Compressor {
 
     #[allow(clippy::too_many_arguments)]
     fn prefill_inner(
+        &mut self,
+        ctx: &mut Context<'_>,
+        tokens: &[Token],
+        start: Pos,
+        n_keep: usize,
+        keep: Keep,
+        scorer: Scorer,
+        budget: serde_json::Value,
+    ) -> Result<Prefilled, CompressError> {
+        // Documents may rank with a shape of their own: swap it in for this call.
+        let swap = scorer == Scorer::Reconstruct && self.document_policy.is_some();
+        if swap {
+            if let Some(doc) = self.document_policy.as_mut() {
+                std::mem::swap(&mut self.policy, doc);
+            }
+        }
+        let done = self.prefill_scored(ctx, tokens, start, n_keep, keep, scorer, budget);
+        if swap {
+            if let Some(doc) = self.document_policy.as_mut() {
+                std::mem::swap(&mut self.policy, doc);
+            }
+        }
+        done
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_scored(
         &mut self,
         ctx: &mut Context<'_>,
         tokens: &[Token],
