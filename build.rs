@@ -369,6 +369,8 @@ fn build_with_cmake(
         ("LLAMA_CURL", "OFF"),
         ("LLAMA_OPENSSL", "OFF"),
         ("GGML_OPENMP", "OFF"),
+        // ggml's RPC backend: `--rpc` and `chunkkv rpc-server`.
+        ("GGML_RPC", "ON"),
         (
             "GGML_CUDA",
             if backends.contains(&"cuda") {
@@ -461,16 +463,17 @@ fn tuning_name(t: &CpuTuning) -> &'static str {
 
 fn link_prebuilt(dir: &Path, backends: &[&str]) {
     println!("cargo:rustc-link-search=native={}", dir.display());
-    // Only libllama and the ggml core are needed at link time: the backend libraries
-    // (CPU, CUDA, ...) are dependencies of libggml and come from LD_LIBRARY_PATH at run time.
-    for lib in ["llama", "ggml", "ggml-base"] {
+    // libllama, the ggml core and ggml-rpc (called directly) are needed at link time: the
+    // other backend libraries (CPU, CUDA, ...) are dependencies of libggml and come from
+    // LD_LIBRARY_PATH at run time.
+    for lib in ["llama", "ggml", "ggml-base", "ggml-rpc"] {
         println!("cargo:rustc-link-lib=dylib={lib}");
     }
     let _ = backends;
 }
 
 fn link_libraries(kind: &str, backends: &[&str]) {
-    let mut libs = vec!["llama", "ggml", "ggml-base", "ggml-cpu"];
+    let mut libs = vec!["llama", "ggml", "ggml-base", "ggml-cpu", "ggml-rpc"];
     if backends.contains(&"cuda") {
         libs.push("ggml-cuda");
     }
@@ -503,13 +506,15 @@ fn link_libraries(kind: &str, backends: &[&str]) {
 
 fn generate_bindings(source: &Path, out_dir: &Path) -> Result<(), String> {
     let header = source.join("include/llama.h");
+    let rpc = source.join("ggml/include/ggml-rpc.h");
     let bindings = bindgen::Builder::default()
         .header(header.to_string_lossy())
+        .header(rpc.to_string_lossy())
         .clang_arg(format!("-I{}", source.join("ggml/include").display()))
         .allowlist_function("llama_.*")
         .allowlist_type("llama_.*")
         .allowlist_function(
-            "ggml_backend_(dev|reg)_.*|ggml_backend_load_all|ggml_type_name|ggml_log_set",
+            "ggml_backend_(dev|reg)_.*|ggml_backend_load_all|ggml_backend_register|ggml_backend_rpc_.*|ggml_type_name|ggml_log_set|ggml_set_abort_callback",
         )
         .allowlist_type("ggml_type|ggml_log_level|ggml_backend_dev_type|ggml_backend_feature")
         .prepend_enum_name(false)

@@ -23,6 +23,10 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             let margs = super::ModelArgs {
                 model: m.clone(),
                 n_gpu_layers: 0,
+                split_mode: crate::llama::SplitMode::Layer,
+                tensor_split: Vec::new(),
+                main_gpu: 0,
+                rpc: Vec::new(),
             };
             Some(margs.load()?.info())
         }

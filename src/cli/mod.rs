@@ -7,6 +7,7 @@ mod eval;
 mod generate;
 mod info;
 mod models;
+mod rpc_server;
 mod verify;
 
 use clap::{Args, Parser, Subcommand};
@@ -17,6 +18,7 @@ use crate::compress::{
 };
 use crate::llama::{
     Backend, CacheType, Context, ContextParams, FlashAttn, Model, ModelParams, SamplingParams,
+    SplitMode,
 };
 
 #[derive(Debug, Parser)]
@@ -53,12 +55,17 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Check that compaction moves every kept K/V row exactly on this backend.
     Verify(verify::VerifyArgs),
+    /// Serve this machine's CPU or GPU to other chunkkv (or llama.cpp) runs over ggml's RPC.
+    RpcServer(rpc_server::RpcServerArgs),
 }
 
 /// llama.cpp's multi-letter single-dash flags and the long flags they mean.
 /// clap's short flags are one letter, so these are rewritten before parsing.
 const LLAMA_FLAGS: &[(&str, &str)] = &[
     ("-ngl", "--n-gpu-layers"),
+    ("-sm", "--split-mode"),
+    ("-ts", "--tensor-split"),
+    ("-mg", "--main-gpu"),
     ("-fa", "--flash-attn"),
     ("-ctk", "--cache-type-k"),
     ("-ctv", "--cache-type-v"),
@@ -133,6 +140,7 @@ impl Cli {
             Command::Compare(a) => compare::run(a),
             Command::Eval(a) => eval::run(a),
             Command::Verify(a) => verify::run(a),
+            Command::RpcServer(a) => rpc_server::run(a),
         }
     }
 }
@@ -146,16 +154,37 @@ pub struct ModelArgs {
     /// Layers to offload to the GPU, -1 for all (-ngl).
     #[arg(long = "n-gpu-layers", alias = "gpu-layers", default_value_t = -1, allow_negative_numbers = true)]
     pub n_gpu_layers: i32,
+    /// How offloaded layers are spread over devices: none, layer, row or tensor (-sm).
+    #[arg(long = "split-mode", value_enum, default_value = "layer")]
+    pub split_mode: SplitMode,
+    /// Share of the offloaded layers per device, e.g. 3,1 (-ts).
+    #[arg(long = "tensor-split", value_delimiter = ',')]
+    pub tensor_split: Vec<f32>,
+    /// The device that holds everything with -sm none (-mg).
+    #[arg(long = "main-gpu", default_value_t = 0)]
+    pub main_gpu: i32,
+    /// ggml RPC servers whose devices hold offloaded layers, HOST:PORT[,HOST:PORT...]
+    /// (start them with `chunkkv rpc-server`).
+    #[arg(long = "rpc", value_delimiter = ',')]
+    pub rpc: Vec<String>,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<Model> {
         let path = crate::models::resolve(&self.model)?;
         let backend = Backend::init();
+        if self.tensor_split.iter().any(|x| !x.is_finite() || *x < 0.0) {
+            anyhow::bail!("-ts takes non-negative shares, e.g. 3,1");
+        }
         Ok(Model::load(
             backend,
             &path,
-            &ModelParams::default().with_n_gpu_layers(self.n_gpu_layers),
+            &ModelParams::default()
+                .with_n_gpu_layers(self.n_gpu_layers)
+                .with_split_mode(self.split_mode)
+                .with_tensor_split(self.tensor_split.clone())
+                .with_main_gpu(self.main_gpu)
+                .with_rpc_servers(self.rpc.clone()),
         )?)
     }
 }

@@ -156,6 +156,13 @@ impl Compressor {
                 info.architecture
             )));
         }
+        if model.split_mode() == crate::llama::SplitMode::Tensor {
+            return Err(CompressError::Unsupported(
+                "-sm tensor splits the KV cache itself across devices, which chunkkv cannot \
+                 compact: use -sm layer"
+                    .into(),
+            ));
+        }
         let layers = ctx.kv_layers(KvPart::Base);
         if layers.is_empty() {
             return Err(CompressError::Unsupported(format!(

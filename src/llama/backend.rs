@@ -1,10 +1,65 @@
 //! The process-wide llama.cpp backend: initialized once, never freed, and the
 //! route by which llama.cpp's log reaches `tracing`.
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::sync::{Mutex, OnceLock};
 
+use super::error::RpcError;
 use crate::sys;
+
+/// `HOST:PORT` answers a TCP connection within five seconds.
+fn check_reachable(endpoint: &str) -> Result<(), RpcError> {
+    use std::net::ToSocketAddrs;
+    let (host, port) = endpoint
+        .rsplit_once(':')
+        .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        .ok_or_else(|| RpcError::BadEndpoint(endpoint.into()))?;
+    let unreachable = |reason: String| RpcError::Unreachable {
+        endpoint: endpoint.into(),
+        reason,
+    };
+    let addrs: Vec<_> = (
+        host.trim_matches(|c| c == '[' || c == ']'),
+        port.parse::<u16>().unwrap_or(0),
+    )
+        .to_socket_addrs()
+        .map_err(|e| unreachable(e.to_string()))?
+        .collect();
+    let mut last = "no address".to_string();
+    for addr in addrs {
+        match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5)) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(unreachable(last))
+}
+
+/// ggml's last word before it aborts (a lost RPC server, a failed
+/// allocation deep in a backend): one `error:` line and exit 1, instead of a
+/// backtrace and SIGABRT. Nothing can be recovered at that point.
+unsafe extern "C" fn abort_cleanly(message: *const c_char) {
+    let text = if message.is_null() {
+        String::from("unknown error")
+    } else {
+        CStr::from_ptr(message).to_string_lossy().into_owned()
+    };
+    // The message starts with ggml's source location: keep what it says.
+    let what = text
+        .split_once(": ")
+        .filter(|(loc, _)| loc.contains(':'))
+        .map_or(text.as_str(), |(_, rest)| rest)
+        .trim();
+    // Straight to file descriptor 2: another thread may hold Rust's stdout or
+    // stderr lock (a streamed reply), and this one must not wait for it.
+    let line = format!("error: llama.cpp stopped: {what}\n");
+    extern "C" {
+        fn write(fd: i32, buf: *const c_void, count: usize) -> isize;
+        fn _exit(code: i32) -> !;
+    }
+    write(2, line.as_ptr().cast(), line.len());
+    _exit(1);
+}
 
 /// Proof that llama.cpp's backend is initialized. Model loading takes one, so
 /// nothing can touch llama.cpp before `llama_backend_init` ran.
@@ -20,9 +75,10 @@ impl Backend {
     /// under the target `llama.cpp`.
     pub fn init() -> &'static Backend {
         BACKEND.get_or_init(|| {
-            // SAFETY: called once, before any other llama.cpp call; the callback is 'static.
+            // SAFETY: called once, before any other llama.cpp call; the callbacks are 'static.
             unsafe {
                 sys::llama_log_set(Some(log_to_tracing), std::ptr::null_mut());
+                sys::ggml_set_abort_callback(Some(abort_cleanly));
                 sys::llama_backend_init();
             }
             Backend { _private: () }
@@ -94,6 +150,77 @@ impl Backend {
                 })
                 .collect()
         }
+    }
+
+    /// Registers a ggml RPC server's devices (llama.cpp's `--rpc`), after
+    /// checking that something answers there: ggml-rpc aborts the process on a
+    /// failed connection. Registering the same endpoint twice does nothing.
+    pub fn add_rpc_server(&self, endpoint: &str) -> Result<(), RpcError> {
+        static ADDED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        let mut added = ADDED.lock().unwrap_or_else(|e| e.into_inner());
+        if added.iter().any(|e| e == endpoint) {
+            return Ok(());
+        }
+        check_reachable(endpoint)?;
+        let c = CString::new(endpoint).map_err(|_| RpcError::BadEndpoint(endpoint.into()))?;
+        // SAFETY: the endpoint string outlives the call; ggml keeps its own copy.
+        unsafe {
+            let reg = sys::ggml_backend_rpc_add_server(c.as_ptr());
+            if reg.is_null() {
+                return Err(RpcError::NoBackend);
+            }
+            sys::ggml_backend_register(reg);
+        }
+        added.push(endpoint.to_string());
+        Ok(())
+    }
+
+    /// Serves this machine's `devices` (names as `chunkkv info` lists them;
+    /// empty: the CPU) to ggml RPC clients on `endpoint` until the process
+    /// ends. `cache_dir` keeps received tensors on disk between runs.
+    pub fn serve_rpc(
+        &self,
+        endpoint: &str,
+        devices: &[String],
+        cache_dir: Option<&std::path::Path>,
+        threads: usize,
+    ) -> Result<std::convert::Infallible, RpcError> {
+        let c_endpoint =
+            CString::new(endpoint).map_err(|_| RpcError::BadEndpoint(endpoint.into()))?;
+        let names: Vec<String> = if devices.is_empty() {
+            vec!["CPU".to_string()]
+        } else {
+            devices.to_vec()
+        };
+        let mut devs = Vec::with_capacity(names.len());
+        for name in &names {
+            let c =
+                CString::new(name.as_str()).map_err(|_| RpcError::UnknownDevice(name.clone()))?;
+            // SAFETY: the name outlives the call; the device lives as long as ggml.
+            let dev = unsafe { sys::ggml_backend_dev_by_name(c.as_ptr()) };
+            if dev.is_null() {
+                return Err(RpcError::UnknownDevice(name.clone()));
+            }
+            devs.push(dev);
+        }
+        let cache = cache_dir
+            .map(|d| CString::new(d.to_string_lossy().as_bytes()))
+            .transpose()
+            .map_err(|_| RpcError::BadEndpoint(endpoint.into()))?;
+        // SAFETY: every pointer outlives the call, which serves until the process ends.
+        unsafe {
+            sys::ggml_backend_rpc_start_server(
+                c_endpoint.as_ptr(),
+                cache.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+                threads,
+                devs.len(),
+                devs.as_mut_ptr(),
+            );
+        }
+        Err(RpcError::Unreachable {
+            endpoint: endpoint.into(),
+            reason: "the server stopped (port in use?)".into(),
+        })
     }
 
     /// llama.cpp's one-line summary of CPU features and backends.

@@ -18,6 +18,23 @@ pub enum LoadError {
     Rejected(PathBuf),
     #[error("path is not valid UTF-8 without NUL bytes: {0}")]
     BadPath(PathBuf),
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("{0}")]
+    Devices(String),
+}
+
+/// Reaching or serving ggml's RPC backend.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("RPC server `{0}` is not HOST:PORT")]
+    BadEndpoint(String),
+    #[error("cannot reach RPC server {endpoint}: {reason} (start one with `chunkkv rpc-server --host HOST --port PORT` there)")]
+    Unreachable { endpoint: String, reason: String },
+    #[error("this build has no RPC backend")]
+    NoBackend,
+    #[error("no device named `{0}` (see `chunkkv info`)")]
+    UnknownDevice(String),
 }
 
 /// Creating a context on a model.

@@ -16,10 +16,10 @@ pub use batch::Batch;
 pub use context::{CacheType, Context, ContextParams, FlashAttn, Pos, SeqId, SeqState};
 pub use detok::StreamDecoder;
 pub use error::{
-    ChatTemplateError, ContextError, DecodeError, LoadError, StateError, TokenizeError,
+    ChatTemplateError, ContextError, DecodeError, LoadError, RpcError, StateError, TokenizeError,
 };
 pub use kv::{CompactError, DeadSlots, KvPart, KvStats, LayerImportance, ScoreReduce, ScoreRows};
-pub use model::{apply_template, ChatMessage, Model, ModelInfo, ModelParams, Token};
+pub use model::{apply_template, ChatMessage, Model, ModelInfo, ModelParams, SplitMode, Token};
 pub use sampler::{Sampler, SamplingParams};
 pub use state::{DumpError, KvDump};
 

@@ -13,16 +13,52 @@ use crate::sys;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct Token(pub i32);
 
+/// How a model is spread over several devices (llama.cpp's `-sm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitMode {
+    /// One device (`-mg`) holds every offloaded layer.
+    None,
+    /// Whole layers, and their KV cache, per device.
+    #[default]
+    Layer,
+    /// Layers split by rows where the backend can; KV cache per layer's device.
+    Row,
+    /// Tensor parallelism: the KV cache itself is split across devices.
+    Tensor,
+}
+
+impl SplitMode {
+    fn raw(self) -> sys::llama_split_mode {
+        match self {
+            SplitMode::None => sys::LLAMA_SPLIT_MODE_NONE,
+            SplitMode::Layer => sys::LLAMA_SPLIT_MODE_LAYER,
+            SplitMode::Row => sys::LLAMA_SPLIT_MODE_ROW,
+            SplitMode::Tensor => sys::LLAMA_SPLIT_MODE_TENSOR,
+        }
+    }
+}
+
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct ModelParams {
     n_gpu_layers: i32,
+    split_mode: SplitMode,
+    main_gpu: i32,
+    tensor_split: Vec<f32>,
+    rpc: Vec<String>,
 }
 
 impl Default for ModelParams {
     /// All layers on the GPU when there is one (llama.cpp's own default).
     fn default() -> Self {
-        Self { n_gpu_layers: -1 }
+        Self {
+            n_gpu_layers: -1,
+            split_mode: SplitMode::Layer,
+            main_gpu: 0,
+            tensor_split: Vec::new(),
+            rpc: Vec::new(),
+        }
     }
 }
 
@@ -30,6 +66,25 @@ impl ModelParams {
     /// Layers to offload to the GPU; negative means all.
     pub fn with_n_gpu_layers(mut self, n: i32) -> Self {
         self.n_gpu_layers = n;
+        self
+    }
+    pub fn with_split_mode(mut self, mode: SplitMode) -> Self {
+        self.split_mode = mode;
+        self
+    }
+    /// The device that holds everything with `SplitMode::None`.
+    pub fn with_main_gpu(mut self, device: i32) -> Self {
+        self.main_gpu = device;
+        self
+    }
+    /// Share of the offloaded model per device, in device order.
+    pub fn with_tensor_split(mut self, split: Vec<f32>) -> Self {
+        self.tensor_split = split;
+        self
+    }
+    /// ggml RPC servers (`host:port`) whose devices hold offloaded layers.
+    pub fn with_rpc_servers(mut self, servers: Vec<String>) -> Self {
+        self.rpc = servers;
         self
     }
 }
@@ -61,6 +116,7 @@ pub struct ModelInfo {
 pub struct Model {
     ptr: NonNull<sys::llama_model>,
     path: PathBuf,
+    split_mode: SplitMode,
 }
 
 // SAFETY: a llama_model is immutable after loading; llama.cpp shares it across
@@ -80,7 +136,7 @@ const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 impl Model {
     /// Loads a GGUF file. The file is checked before llama.cpp sees it, so a
     /// missing or non-GGUF path gets a precise error.
-    pub fn load(_backend: &Backend, path: &Path, params: &ModelParams) -> Result<Model, LoadError> {
+    pub fn load(backend: &Backend, path: &Path, params: &ModelParams) -> Result<Model, LoadError> {
         if !path.exists() {
             return Err(LoadError::NotFound(path.to_path_buf()));
         }
@@ -97,16 +153,36 @@ impl Model {
             .to_str()
             .and_then(|s| CString::new(s).ok())
             .ok_or_else(|| LoadError::BadPath(path.to_path_buf()))?;
-        // SAFETY: plain C struct from llama.cpp's defaults; c_path outlives the call.
+        for server in &params.rpc {
+            backend.add_rpc_server(server)?;
+        }
+        // SAFETY: llama_max_devices is a constant of the build.
+        let max_devices = unsafe { sys::llama_max_devices() };
+        if params.tensor_split.len() > max_devices {
+            return Err(LoadError::Devices(format!(
+                "-ts names {} devices; this build handles at most {max_devices}",
+                params.tensor_split.len()
+            )));
+        }
+        let mut split = params.tensor_split.clone();
+        split.resize(max_devices, 0.0);
+        // SAFETY: plain C struct from llama.cpp's defaults; c_path and split
+        // (llama_max_devices floats) outlive the call.
         let ptr = unsafe {
             let mut p = sys::llama_model_default_params();
             p.n_gpu_layers = params.n_gpu_layers;
+            p.split_mode = params.split_mode.raw();
+            p.main_gpu = params.main_gpu;
+            if !params.tensor_split.is_empty() {
+                p.tensor_split = split.as_ptr();
+            }
             sys::llama_model_load_from_file(c_path.as_ptr(), p)
         };
         NonNull::new(ptr)
             .map(|ptr| Model {
                 ptr,
                 path: path.to_path_buf(),
+                split_mode: params.split_mode,
             })
             .ok_or_else(|| LoadError::Rejected(path.to_path_buf()))
     }
@@ -117,6 +193,11 @@ impl Model {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How the model was spread over devices.
+    pub fn split_mode(&self) -> SplitMode {
+        self.split_mode
     }
 
     fn vocab(&self) -> *const sys::llama_vocab {
