@@ -62,7 +62,12 @@ fn random_compactions(fa: FlashAttn, k: CacheType, v: CacheType) {
         .collect();
     let mut work = ctx(model, 512, fa, k, v);
     let mut rng = Rng(0x5eed ^ n as u64);
-    for trial in 0..200 {
+    // 200 sets; `.ci/memcheck` runs fewer under valgrind (CHUNKKV_TRIALS).
+    let trials: usize = std::env::var("CHUNKKV_TRIALS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(200);
+    for trial in 0..trials {
         let n_keep = 1 + rng.below(n);
         let src: Vec<Vec<Vec<i32>>> = heads
             .iter()
