@@ -234,12 +234,9 @@ impl Policy for KvZip {
         true
     }
 
+    /// H2O's selection (top per head), on reconstruction scores.
     fn select(&self, layer: &LayerCandidates, n_select: usize) -> Vec<Vec<usize>> {
-        layer
-            .heads
-            .iter()
-            .map(|h| top_k(&h.score, n_select))
-            .collect()
+        H2o.select(layer, n_select)
     }
 }
 
