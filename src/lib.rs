@@ -4,6 +4,7 @@
 //! - [`compress`]: ChunkKV selection, layer reuse and the compaction hook.
 //! - [`models`]: built-in model names and their fetch-and-verify cache.
 //! - [`pipeline`]: prefill and generation on one sequence.
+//! - [`serve`]: the OpenAI-compatible server, one compressed sequence per slot.
 //! - [`cli`]: the `chunkkv` command line.
 
 pub mod bench;
@@ -16,6 +17,7 @@ pub mod hardware;
 pub mod llama;
 pub mod models;
 pub mod pipeline;
+pub mod serve;
 pub mod synth;
 pub(crate) mod sys;
 pub mod threads;

@@ -442,3 +442,51 @@ fn a_bad_dead_slot_range_is_refused() {
         assert!(ctx.dead_slots().is_empty());
     }
 }
+
+/// A server's slot: sequence 1 of a two-sequence context (its own KV stream)
+/// compresses exactly as a one-sequence context does, and sequence 0's cache
+/// is left byte for byte as it was.
+#[test]
+fn a_slot_of_a_two_sequence_context_compresses_like_a_context_of_its_own() {
+    let model = default_model();
+    let tokens = model.tokenize(&essays(3000), true, false).unwrap();
+    let n_keep = Budget::Ratio(0.25).cells_for(tokens.len());
+
+    let mut alone = ctx_with(model, 1024, FlashAttn::Off, CacheType::F16, CacheType::F16);
+    let mut c = chunkkv(&alone, 2);
+    c.prefill(&mut alone, &tokens, 0, n_keep, serde_json::json!(0.25))
+        .unwrap();
+    let kept_alone = alone.kv_cell_positions(KvPart::Base, 0);
+    let logits_alone = alone.logits_ith(-1).unwrap().to_vec();
+
+    let p = ContextParams::default()
+        .with_n_ctx(2048)
+        .with_n_seq_max(2)
+        .with_n_threads(2)
+        .with_flash_attn(FlashAttn::Off);
+    let mut shared = Context::new(model, &p).unwrap();
+    assert_eq!(shared.seq_capacity(), 1024);
+    let other = model.tokenize(&essays(1500)[700..], true, false).unwrap();
+    shared.decode_tokens(&other, 0, 0, true).unwrap();
+    let seq0 = shared.state_seq_get(0).unwrap();
+    let mut c = chunkkv(&shared, 2).with_seq(1);
+    let done = c
+        .prefill(&mut shared, &tokens, 0, n_keep, serde_json::json!(0.25))
+        .unwrap();
+    assert!(done.compressed);
+    assert_eq!(shared.seq_used(1), n_keep);
+    assert_eq!(shared.seq_used(0), other.len());
+    assert_eq!(shared.kv_cell_positions(KvPart::Base, 1), kept_alone);
+    let logits = shared.logits_ith(-1).unwrap();
+    let diff = logits
+        .iter()
+        .zip(&logits_alone)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-3, "logits differ by {diff}");
+    assert_eq!(
+        shared.state_seq_get(0).unwrap(),
+        seq0,
+        "sequence 0 untouched"
+    );
+}

@@ -8,6 +8,7 @@ mod generate;
 mod info;
 mod models;
 mod rpc_server;
+mod serve;
 mod verify;
 
 use clap::{Args, Parser, Subcommand};
@@ -57,6 +58,8 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Serve this machine's CPU or GPU to other chunkkv (or llama.cpp) runs over ggml's RPC.
     RpcServer(rpc_server::RpcServerArgs),
+    /// An OpenAI-compatible HTTP server whose slots keep conversations compressed.
+    Serve(serve::ServeArgs),
 }
 
 /// llama.cpp's multi-letter single-dash flags and the long flags they mean.
@@ -71,6 +74,7 @@ const LLAMA_FLAGS: &[(&str, &str)] = &[
     ("-ctv", "--cache-type-v"),
     ("-ub", "--ubatch-size"),
     ("-sys", "--system-prompt"),
+    ("-np", "--parallel"),
 ];
 
 fn rewrite_llama_flag(arg: std::ffi::OsString) -> std::ffi::OsString {
@@ -141,6 +145,7 @@ impl Cli {
             Command::Eval(a) => eval::run(a),
             Command::Verify(a) => verify::run(a),
             Command::RpcServer(a) => rpc_server::run(a),
+            Command::Serve(a) => serve::run(a),
         }
     }
 }

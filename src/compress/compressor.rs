@@ -19,9 +19,8 @@ use super::Chunking;
 use super::Scorer;
 use crate::llama::{
     CompactError, Context, DeadSlots, DecodeError, KvPart, LayerImportance, Pos, ScoreReduce,
-    ScoreRows, Token,
+    ScoreRows, SeqId, Token,
 };
-use crate::pipeline::SEQ;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompressError {
@@ -109,6 +108,8 @@ pub struct Compressor {
     document_policy: Option<Box<dyn Policy>>,
     /// Sentence ends of the positions prefilled through this compressor.
     sentences: SentenceEnds,
+    /// The sequence whose cache this compressor manages.
+    seq: SeqId,
 }
 
 impl std::fmt::Debug for Compressor {
@@ -248,6 +249,7 @@ impl Compressor {
             reconstruction: None,
             document_policy: None,
             sentences: SentenceEnds::default(),
+            seq: crate::pipeline::SEQ,
         })
     }
 
@@ -265,6 +267,18 @@ impl Compressor {
     pub fn with_reconstruction(mut self, rec: Reconstruction) -> Self {
         self.reconstruction = Some(rec);
         self
+    }
+
+    /// Manages sequence `seq` of a context that holds several (a server's
+    /// slot) instead of sequence 0.
+    pub fn with_seq(mut self, seq: SeqId) -> Self {
+        self.seq = seq;
+        self
+    }
+
+    /// The sequence this compressor manages.
+    pub fn seq(&self) -> SeqId {
+        self.seq
     }
 
     /// Ranks text scored by reconstruction with `policy` instead (same kind of
@@ -287,6 +301,11 @@ impl Compressor {
     /// The observation window in tokens.
     pub fn window(&self) -> usize {
         self.window
+    }
+
+    /// Whether the policy ranks by attention scores (StreamingLLM and random do not).
+    pub fn has_scores(&self) -> bool {
+        self.policy.score_rows().is_some()
     }
 
     pub fn policy_name(&self) -> &'static str {
@@ -374,6 +393,86 @@ impl Compressor {
         )
     }
 
+    /// A turn whose `head` (at `start`) is already in the cache, as a server
+    /// prefills it in chunks between other sequences' work: scores the cache
+    /// by reconstructing the head (a document whose questions come later),
+    /// compacts to `n_keep - window.len()`, then decodes `window` on top.
+    /// Without anything to evict it only decodes the window.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reconstruct_prefilled(
+        &mut self,
+        ctx: &mut Context<'_>,
+        head: &[Token],
+        start: Pos,
+        window: &[Token],
+        n_keep: usize,
+        keep: Keep,
+        budget: serde_json::Value,
+    ) -> Result<Prefilled, CompressError> {
+        self.with_document_shape(|this| {
+            let model = ctx.model();
+            this.observe(model, head, start);
+            this.observe(model, window, start + head.len() as Pos);
+            let t_all = Instant::now();
+            let w = window.len();
+            let n = head.len() + w;
+            let total = stats(ctx, this.seq)?.cells_used as usize + w;
+            let wstart = start + head.len() as Pos;
+            if head.is_empty()
+                || n_keep >= total
+                || n_keep <= w
+                || this.policy.score_rows().is_none()
+            {
+                ctx.decode_tokens(window, wstart, this.seq, true)?;
+                let full = stats(ctx, this.seq)?;
+                return this.finish(ctx, t_all, false, n, budget, full, StageMs::default());
+            }
+            let (ms, full) =
+                this.reconstruct_and_compact(ctx, head, start, window, n_keep, keep)?;
+            this.finish(ctx, t_all, true, n, budget, full, ms)
+        })
+    }
+
+    /// Runs `f` with the document policy (if any) in place of the policy.
+    fn with_document_shape<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let swap = self.document_policy.is_some();
+        if swap {
+            if let Some(doc) = self.document_policy.as_mut() {
+                std::mem::swap(&mut self.policy, doc);
+            }
+        }
+        let r = f(self);
+        if swap {
+            if let Some(doc) = self.document_policy.as_mut() {
+                std::mem::swap(&mut self.policy, doc);
+            }
+        }
+        r
+    }
+
+    /// Reconstruction scores for `head` (in the cache at `start`), the
+    /// compaction, then `window` decoded on top.
+    fn reconstruct_and_compact(
+        &mut self,
+        ctx: &mut Context<'_>,
+        head: &[Token],
+        start: Pos,
+        window: &[Token],
+        n_keep: usize,
+        keep: Keep,
+    ) -> Result<(StageMs, crate::llama::KvStats), CompressError> {
+        let w = window.len();
+        let mut ms = StageMs::default();
+        let t_imp = Instant::now();
+        let importance = self.reconstruct_scores(ctx, head)?;
+        ms.importance = t_imp.elapsed().as_secs_f64() * 1e3;
+        let full = with_window(stats(ctx, self.seq)?, w);
+        let keep = keep_last(keep, start + head.len() as Pos - 1);
+        (ms.select, ms.compact) = self.select_and_compact(ctx, &importance, keep, n_keep - w)?;
+        ctx.decode_tokens(window, start + head.len() as Pos, self.seq, true)?;
+        Ok((ms, full))
+    }
+
     /// Cells a reconstruction of `chunk` tokens needs on top of the cache
     /// (0 when this compressor does not reconstruct).
     pub fn reconstruction_room(&self, chunk: usize) -> usize {
@@ -394,19 +493,12 @@ impl Compressor {
         budget: serde_json::Value,
     ) -> Result<Prefilled, CompressError> {
         // Documents may rank with a shape of their own: swap it in for this call.
-        let swap = scorer == Scorer::Reconstruct && self.document_policy.is_some();
-        if swap {
-            if let Some(doc) = self.document_policy.as_mut() {
-                std::mem::swap(&mut self.policy, doc);
-            }
+        if scorer == Scorer::Reconstruct {
+            return self.with_document_shape(|this| {
+                this.prefill_scored(ctx, tokens, start, n_keep, keep, scorer, budget)
+            });
         }
-        let done = self.prefill_scored(ctx, tokens, start, n_keep, keep, scorer, budget);
-        if swap {
-            if let Some(doc) = self.document_policy.as_mut() {
-                std::mem::swap(&mut self.policy, doc);
-            }
-        }
-        done
+        self.prefill_scored(ctx, tokens, start, n_keep, keep, scorer, budget)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -425,7 +517,7 @@ impl Compressor {
         }
         self.observe(ctx.model(), tokens, start);
         let t_all = Instant::now();
-        let before = stats(ctx)?;
+        let before = stats(ctx, self.seq)?;
         let n = tokens.len();
         let total = before.cells_used as usize + n;
         let w = self.window.min(n);
@@ -440,19 +532,12 @@ impl Compressor {
         // prefilled, scored and compacted, then the window goes on top.
         let reconstruct = scorer == Scorer::Reconstruct && n > w && n_keep > w;
         if !compress {
-            ctx.decode_tokens(tokens, start, SEQ, true)?;
-            full = stats(ctx)?;
+            ctx.decode_tokens(tokens, start, self.seq, true)?;
+            full = stats(ctx, self.seq)?;
         } else if reconstruct {
             let (head, tail) = tokens.split_at(n - w);
-            ctx.decode_tokens(head, start, SEQ, false)?;
-            let t_imp = Instant::now();
-            let importance = self.reconstruct_scores(ctx, head)?;
-            ms.importance = t_imp.elapsed().as_secs_f64() * 1e3;
-            full = with_window(stats(ctx)?, w);
-            let keep = keep_last(keep, start + head.len() as Pos - 1);
-            (ms.select, ms.compact) =
-                self.select_and_compact(ctx, &importance, keep, n_keep - w)?;
-            ctx.decode_tokens(tail, start + head.len() as Pos, SEQ, true)?;
+            ctx.decode_tokens(head, start, self.seq, false)?;
+            (ms, full) = self.reconstruct_and_compact(ctx, head, start, tail, n_keep, keep)?;
         } else {
             let (head, tail) = tokens.split_at(n - w);
             if rows == Some(ScoreRows::All) {
@@ -462,7 +547,7 @@ impl Compressor {
             let decoded = if head.is_empty() {
                 Ok(())
             } else {
-                ctx.decode_tokens(head, start, SEQ, false)
+                ctx.decode_tokens(head, start, self.seq, false)
             };
             if decoded.is_err() && rows.is_some() {
                 ctx.importance_end();
@@ -508,7 +593,7 @@ impl Compressor {
     ) -> Result<Vec<LayerImportance>, CompressError> {
         let leaders = self.leader_flags(ctx);
         ctx.importance_begin(&leaders, ScoreRows::All, ScoreReduce::Sum);
-        let decoded = ctx.decode_tokens(head, 0, SEQ, false);
+        let decoded = ctx.decode_tokens(head, 0, self.seq, false);
         ctx.importance_end();
         decoded?;
         self.leader_layers()
@@ -547,12 +632,12 @@ impl Compressor {
     ) -> Result<Prefilled, CompressError> {
         let t_all = Instant::now();
         let w = window.len();
-        let total = stats(ctx)?.cells_used as usize + w;
+        let total = stats(ctx, self.seq)?.cells_used as usize + w;
         if n_keep >= total || n_keep <= w || self.policy.score_rows().is_none() {
             return self.window_inner(ctx, window, start, n_keep, None, budget);
         }
         let leaders = self.group_scores(scores)?;
-        let full = with_window(stats(ctx)?, w);
+        let full = with_window(stats(ctx, self.seq)?, w);
         let keep = Keep {
             from: start - 1,
             history: false,
@@ -560,7 +645,7 @@ impl Compressor {
         };
         let mut ms = StageMs::default();
         (ms.select, ms.compact) = self.select_and_compact(ctx, &leaders, keep, n_keep - w)?;
-        ctx.decode_tokens(window, start, SEQ, true)?;
+        ctx.decode_tokens(window, start, self.seq, true)?;
         self.finish(ctx, t_all, true, w, budget, full, ms)
     }
 
@@ -575,10 +660,10 @@ impl Compressor {
         budget: serde_json::Value,
     ) -> Result<Prefilled, CompressError> {
         let t_all = Instant::now();
-        let total = stats(ctx)?.cells_used as usize + window.len();
+        let total = stats(ctx, self.seq)?.cells_used as usize + window.len();
         if n_keep >= total {
-            ctx.decode_tokens(window, start, SEQ, true)?;
-            let full = stats(ctx)?;
+            ctx.decode_tokens(window, start, self.seq, true)?;
+            let full = stats(ctx, self.seq)?;
             return self.finish(
                 ctx,
                 t_all,
@@ -610,7 +695,7 @@ impl Compressor {
         full: crate::llama::KvStats,
         ms: StageMs,
     ) -> Result<Prefilled, CompressError> {
-        let after = stats(ctx)?;
+        let after = stats(ctx, self.seq)?;
         Ok(Prefilled {
             ms: t_all.elapsed().as_secs_f64() * 1e3,
             compressed,
@@ -665,7 +750,7 @@ impl Compressor {
             }
             _ => {}
         }
-        let decoded = ctx.decode_tokens(tail, tail_start, SEQ, true);
+        let decoded = ctx.decode_tokens(tail, tail_start, self.seq, true);
         if rows.is_some() {
             ctx.importance_end();
         }
@@ -684,7 +769,7 @@ impl Compressor {
             imp.add(prior);
         }
         ms.importance = t_imp.elapsed().as_secs_f64() * 1e3;
-        let full = stats(ctx)?;
+        let full = stats(ctx, self.seq)?;
         let keep = Keep {
             from: tail_start.min(keep.from),
             ..keep
@@ -708,7 +793,7 @@ impl Compressor {
         for &il in &self.layers {
             every[il as usize] = true;
         }
-        let all = rec.score(ctx, SEQ, head, &every)?;
+        let all = rec.score(ctx, self.seq, head, &every)?;
         self.group_scores(&all)
     }
 
@@ -774,7 +859,7 @@ impl Compressor {
         n_keep: usize,
     ) -> Result<(f64, f64), CompressError> {
         let t_sel = Instant::now();
-        let meta = ctx.kv_cell_positions(KvPart::Base, SEQ);
+        let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
         let sel = self.select(&meta, importance, keep, n_keep)?;
         let select_ms = t_sel.elapsed().as_secs_f64() * 1e3;
 
@@ -786,7 +871,7 @@ impl Compressor {
             .unwrap_or(0);
         let n_slots = sel.live[widest];
         let slot_pos: Vec<Pos> = sel.kept_pos[widest][0].clone();
-        ctx.kv_compact(KvPart::Base, SEQ, &sel.src, &slot_pos)?;
+        ctx.kv_compact(KvPart::Base, self.seq, &sel.src, &slot_pos)?;
         let dead: Vec<DeadSlots> = (0..sel.live.len())
             .filter(|&l| sel.live[l] < n_slots)
             .map(|l| DeadSlots {
@@ -1090,7 +1175,7 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(usize, &T) -> R + Sync) -> 
     all.into_iter().map(|(_, r)| r).collect()
 }
 
-fn stats(ctx: &Context<'_>) -> Result<crate::llama::KvStats, CompressError> {
-    ctx.kv_stats(KvPart::Base)
+fn stats(ctx: &Context<'_>, seq: SeqId) -> Result<crate::llama::KvStats, CompressError> {
+    ctx.seq_kv_stats(KvPart::Base, seq)
         .ok_or_else(|| CompressError::Unsupported("the context has no attention KV cache".into()))
 }

@@ -12,8 +12,8 @@
 //! the chunk's cells for a moment.
 
 use crate::llama::{
-    ChatMessage, Context, KvPart, LayerImportance, Model, Pos, ScoreReduce, ScoreRows, SeqId,
-    Token, TokenizeError,
+    ChatMessage, Context, LayerImportance, Model, Pos, ScoreReduce, ScoreRows, SeqId, Token,
+    TokenizeError,
 };
 
 use super::CompressError;
@@ -103,11 +103,8 @@ impl Reconstruction {
         if tokens.is_empty() {
             return Err(CompressError::Config("nothing to reconstruct".into()));
         }
-        let n_ctx = ctx.n_ctx() as usize;
-        let used = ctx
-            .kv_stats(KvPart::Base)
-            .map_or(0, |s| s.cells_used as usize);
-        let free = n_ctx.saturating_sub(used);
+        let used = ctx.seq_used(seq);
+        let free = ctx.seq_capacity().saturating_sub(used);
         let overhead = self.cells_needed(0);
         // At least a few dozen tokens per chunk, or the prompts outweigh the text.
         if free < overhead + 32 {

@@ -45,11 +45,6 @@ pub enum StreamError {
     Compress(#[from] CompressError),
 }
 
-fn used(ctx: &Context<'_>) -> usize {
-    ctx.kv_stats(KvPart::Base)
-        .map_or(0, |s| s.cells_used as usize)
-}
-
 /// Prefills `tokens` at `cursor.next_pos` in segments, compressing after each
 /// so live cells stay within `budget` of everything prefilled (the window of
 /// each segment always whole), and leaves `reserve` cells free at the end.
@@ -68,13 +63,14 @@ pub fn feed(
     scorer: Scorer,
     on_segment: &mut dyn FnMut(Segment),
 ) -> Result<(), StreamError> {
-    let n_ctx = ctx.n_ctx() as usize;
+    let seq = compressor.seq();
+    let n_ctx = ctx.seq_capacity();
     let text_start = cursor.next_pos;
     let n = tokens.len();
     let t = Instant::now();
     let mut i = 0;
     while i < n {
-        let free = n_ctx.saturating_sub(used(ctx));
+        let free = n_ctx.saturating_sub(ctx.seq_used(seq));
         let rest = n - i;
         // Reconstruction scoring needs cells on top of the segment for a
         // moment: a quarter of the free cells for its chunks, at least 64.
@@ -143,7 +139,7 @@ pub fn feed(
         cursor.next_pos += seg as Pos;
         cursor.prefilled += seg;
         i += seg;
-        let kv = ctx.kv_stats(KvPart::Base).ok_or_else(|| {
+        let kv = ctx.seq_kv_stats(KvPart::Base, seq).ok_or_else(|| {
             CompressError::Unsupported("the context has no attention KV cache".into())
         })?;
         on_segment(Segment {
@@ -153,7 +149,7 @@ pub fn feed(
             bytes_live: kv.bytes_live,
             tok_s: i as f64 / t.elapsed().as_secs_f64().max(1e-9),
         });
-        let free = n_ctx.saturating_sub(used(ctx));
+        let free = n_ctx.saturating_sub(ctx.seq_used(seq));
         if free < room.min(reserve.max(1)) {
             return Err(StreamError::Full {
                 need: room,

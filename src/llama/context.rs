@@ -151,6 +151,7 @@ pub struct ContextParams {
     type_k: CacheType,
     type_v: CacheType,
     swa_full: bool,
+    n_seq_max: u32,
 }
 
 impl Default for ContextParams {
@@ -164,6 +165,7 @@ impl Default for ContextParams {
             type_k: CacheType::F16,
             type_v: CacheType::F16,
             swa_full: false,
+            n_seq_max: 1,
         }
     }
 }
@@ -212,6 +214,12 @@ impl ContextParams {
     /// Full-size sliding-window cache (llama.cpp's `--swa-full`); off bounds SWA memory.
     pub fn with_swa_full(mut self, on: bool) -> Self {
         self.swa_full = on;
+        self
+    }
+    /// Independent sequences (a server's slots), each with its own stream of
+    /// `n_ctx / n` cells: llama.cpp's `-np` with a non-unified cache.
+    pub fn with_n_seq_max(mut self, n: u32) -> Self {
+        self.n_seq_max = n.max(1);
         self
     }
     pub fn n_ctx(&self) -> u32 {
@@ -313,7 +321,8 @@ impl<'m> Context<'m> {
             p.n_ctx = n_ctx_req;
             p.n_batch = params.n_batch.min(n_ctx_req.max(1));
             p.n_ubatch = params.n_ubatch.min(p.n_batch);
-            p.n_seq_max = 1;
+            p.n_seq_max = params.n_seq_max;
+            p.kv_unified = false;
             p.n_threads = n_threads as i32;
             p.n_threads_batch = n_threads as i32;
             p.flash_attn_type = match params.flash_attn {
@@ -371,6 +380,54 @@ impl<'m> Context<'m> {
 
     pub fn n_batch(&self) -> u32 {
         self.n_batch
+    }
+
+    /// Sequences this context holds at once.
+    pub fn n_seq_max(&self) -> u32 {
+        // SAFETY: valid context.
+        unsafe { sys::llama_n_seq_max(self.ptr.as_ptr()) }
+    }
+
+    /// Cells one sequence can hold (its stream; all cells with one sequence).
+    pub fn seq_capacity(&self) -> usize {
+        // SAFETY: valid context.
+        unsafe { sys::llama_n_ctx_seq(self.ptr.as_ptr()) as usize }
+    }
+
+    /// Cells sequence `seq` holds in the full-attention cache.
+    pub fn seq_used(&self, seq: SeqId) -> usize {
+        if self.n_seq_max() <= 1 {
+            return self
+                .kv_stats(KvPart::Base)
+                .map_or(0, |s| s.cells_used as usize);
+        }
+        self.kv_cell_positions(KvPart::Base, seq)
+            .iter()
+            .filter(|p| p.is_some())
+            .count()
+    }
+
+    /// [`Context::kv_stats`] of one sequence's stream: the same as the whole
+    /// cache's with one sequence.
+    pub fn seq_kv_stats(&self, part: KvPart, seq: SeqId) -> Option<KvStats> {
+        let all = self.kv_stats(part)?;
+        if self.n_seq_max() <= 1 {
+            return Some(all);
+        }
+        let pos = self.kv_cell_positions(part, seq);
+        let size = pos.len() as u32;
+        let used = pos.iter().filter(|p| p.is_some()).count() as u32;
+        let last = pos.iter().rposition(Option::is_some).map_or(0, |i| i + 1) as u32;
+        let per_cell = all.bytes_allocated / u64::from(all.size.max(1));
+        Some(KvStats {
+            size,
+            cells_used: used,
+            // llama.cpp's attention width: the used span padded to 256, within the stream.
+            attn_width: (last.div_ceil(256) * 256).clamp(256.min(size), size),
+            bytes_live: per_cell * u64::from(used),
+            bytes_allocated: per_cell * u64::from(size),
+            ..all
+        })
     }
 
     /// Tokens per physical micro-batch.
@@ -440,15 +497,13 @@ impl<'m> Context<'m> {
         if tokens.is_empty() {
             return Err(DecodeError::Empty);
         }
-        let used = self
-            .kv_stats(KvPart::Base)
-            .map(|s| s.cells_used)
-            .unwrap_or(0);
-        if used as usize + tokens.len() > self.n_ctx as usize {
+        let used = self.seq_used(seq);
+        let capacity = self.seq_capacity();
+        if used + tokens.len() > capacity {
             return Err(DecodeError::ContextFull {
                 needed: tokens.len(),
-                used,
-                n_ctx: self.n_ctx,
+                used: used as u32,
+                n_ctx: capacity as u32,
             });
         }
         let mut batch = Batch::new(self.n_batch as usize);

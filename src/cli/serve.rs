@@ -1,0 +1,92 @@
+//! `chunkkv serve`: the OpenAI-compatible server (see [`crate::serve`]).
+
+use std::net::{IpAddr, SocketAddr};
+
+use clap::Args;
+
+use super::{ChunkArgs, ContextArgs, ModelArgs};
+use crate::compress::{Budget, Method};
+use crate::serve::engine::ScoreChoice;
+use crate::serve::{EngineConfig, ServeConfig};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The context's cells, shared by the slots: each gets -c / -np (llama.cpp pads to 256).
+    #[command(flatten)]
+    pub context: ContextArgs,
+    /// Slots: conversations served at once (-np).
+    #[arg(long = "parallel", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub parallel: u32,
+    /// Address to listen on.
+    #[arg(long = "host", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long = "port", default_value_t = 8080)]
+    pub port: u16,
+    /// Requests must carry `Authorization: Bearer KEY` (`/health` excepted).
+    #[arg(long = "api-key", env = "CHUNKKV_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Requests that may wait for a free slot; more get 503.
+    #[arg(long = "queue", default_value_t = 64)]
+    pub queue: usize,
+    /// `max_tokens` of requests that name none (-n).
+    #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
+    pub n_predict: usize,
+    /// Compression of every slot unless a request's `chunkkv.kv_method` says
+    /// otherwise: chunkkv, snapkv, streaming, random or none.
+    #[arg(long = "kv-method", value_enum, default_value = "chunkkv")]
+    pub method: Method,
+    /// Live cells a conversation keeps, as a share of its tokens (0.25, 25%) or a count.
+    #[arg(long = "kv-budget", default_value = "25%")]
+    pub budget: Budget,
+    #[command(flatten)]
+    pub chunk: ChunkArgs,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if matches!(args.method, Method::Pyramidkv | Method::H2o | Method::Kvzip) {
+        anyhow::bail!(
+            "--kv-method {} is not served: {}",
+            args.method.name(),
+            if args.method == Method::Pyramidkv {
+                "it needs a context-wide dead-slot mask, which slots cannot share"
+            } else {
+                "it scores during the whole prefill, which the server interleaves"
+            }
+        );
+    }
+    if args.n_predict == 0 {
+        anyhow::bail!("-n must be at least 1");
+    }
+    let shape = args.chunk.shape()?;
+    let path = crate::models::resolve(&args.model.model)?;
+    let model_name = path.file_stem().map_or_else(
+        || args.model.model.clone(),
+        |s| s.to_string_lossy().into_owned(),
+    );
+    let n_slots = args.parallel as usize;
+    let cfg = ServeConfig {
+        addr: SocketAddr::new(args.host, args.port),
+        engine: EngineConfig {
+            n_slots,
+            context: args.context.params(),
+            method: args.method,
+            budget: args.budget,
+            shape,
+            reuse: args.chunk.reuse_layers,
+            seed: 1,
+            score: args
+                .chunk
+                .score
+                .map_or(ScoreChoice::Auto, ScoreChoice::Fixed),
+        },
+        queue: args.queue,
+        api_key: args.api_key.clone(),
+        default_max_tokens: args.n_predict,
+        model_name,
+    };
+    let model_args = args.model.clone();
+    crate::serve::run(cfg, Box::new(move || model_args.load()))
+}

@@ -1,0 +1,714 @@
+//! The engine: one thread owns the model and a context of `-np` slots (one
+//! sequence and one KV stream each) and runs every request on them.
+//!
+//! Each step decodes one token for every generating slot and, in the same
+//! batch, up to [`PREFILL_CHUNK`] prompt tokens of one prefilling slot, so a
+//! long prompt never starves the others. A prompt's last `w` tokens (its
+//! observation window) are decoded on their own with importance on and the
+//! slot is compressed right there, as `chat` compresses a turn: that is the
+//! longest any slot waits for another. A prompt longer than the slot's free
+//! cells goes through the segmented prefill of `compress::stream` at once.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use super::api::{ApiError, FinishReason, Usage};
+use super::metrics::Metrics;
+use crate::compress::stream::{self, Cursor};
+use crate::compress::{
+    Budget, ChunkKv, ChunkScore, Chunking, Compressor, Keep, Method, Reconstruction, Scorer,
+    TurnState,
+};
+use crate::llama::{
+    Batch, ChatMessage, Context, ContextParams, KvPart, Model, Pos, Sampler, SamplingParams, SeqId,
+    StreamDecoder, Token,
+};
+
+/// Prompt tokens of one slot per step, beside the other slots' decode tokens.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// New prompt tokens from which `auto` scoring treats a prompt as a document
+/// and scores it by reconstruction (its questions may come in later turns,
+/// which window scoring cannot know; see docs/results/eval-query-agnostic.md).
+pub const DOCUMENT_TOKENS: usize = 512;
+
+/// What a request asks for.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// Chat messages, rendered with the model's template.
+    Chat(Vec<ChatMessage>),
+    /// Raw text (`/v1/completions`).
+    Text(String),
+}
+
+/// One request, as the HTTP side hands it over.
+#[derive(Debug)]
+pub struct Job {
+    pub prompt: Prompt,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Per-request `chunkkv` settings; `None` keeps the server's.
+    pub method: Option<Method>,
+    pub budget: Option<Budget>,
+    /// `Some` forces a scorer; `None` is the server's choice.
+    pub score: Option<ScoreChoice>,
+    /// Unbounded: the engine never waits for a slow reader.
+    pub events: tokio::sync::mpsc::UnboundedSender<Event>,
+    /// Counted in the queue until the engine finishes it.
+    pub admitted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// What the engine tells a request's handler.
+#[derive(Debug)]
+pub enum Event {
+    /// Text as it is generated (complete UTF-8 pieces).
+    Text(String),
+    Done {
+        finish: FinishReason,
+        usage: Usage,
+    },
+    Error(ApiError),
+}
+
+/// What scores a slot's cache when a prompt comes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreChoice {
+    /// Reconstruction for a conversation that opens with [`DOCUMENT_TOKENS`]
+    /// tokens or more (a document), the observation window for the rest.
+    Auto,
+    Fixed(Scorer),
+}
+
+/// The server's compression defaults and the context's shape.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub n_slots: usize,
+    pub context: ContextParams,
+    pub method: Method,
+    pub budget: Budget,
+    pub shape: ChunkKv,
+    pub reuse: usize,
+    pub seed: u64,
+    pub score: ScoreChoice,
+}
+
+/// A slot: one sequence, its compressed history and what it is doing.
+struct Slot {
+    seq: SeqId,
+    compressor: Option<Compressor>,
+    /// The method `compressor` was built for.
+    method: Method,
+    /// The rendered text whose tokens are in this slot's cache.
+    cached: String,
+    cursor: Cursor,
+    last_used: Instant,
+    work: Option<Work>,
+}
+
+/// A request running on a slot.
+struct Work {
+    job: Job,
+    sampler: Sampler,
+    budget: Option<Budget>,
+    /// Prompt tokens not yet decoded; the last `window` of them are decoded
+    /// with importance when compressing.
+    pending: Vec<Token>,
+    /// Where `pending` starts.
+    start: Pos,
+    /// Score this prompt by reconstruction rather than by its window.
+    reconstruct: bool,
+    done: usize,
+    window: usize,
+    /// The rendered text once the prompt is in the cache.
+    rendered: String,
+    n_prompt: usize,
+    generated: usize,
+    text: String,
+    /// Text held back while it could still become a stop string.
+    held: String,
+    detok: StreamDecoder,
+    /// Generated tokens decoded into the cache.
+    decoded: Vec<Token>,
+    /// The token to decode next (sampled, not yet in the cache).
+    next: Option<Token>,
+}
+
+impl Slot {
+    fn free(&self) -> bool {
+        self.work.is_none()
+    }
+}
+
+/// Runs the engine until `jobs` closes or `stop` is set; `ready` gets the
+/// outcome of creating the context (a slot's cells) before any job is taken.
+pub fn run(
+    model: &Model,
+    cfg: &EngineConfig,
+    jobs: mpsc::Receiver<Job>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    ready: mpsc::Sender<Result<usize, String>>,
+) {
+    let params = cfg.context.clone().with_n_seq_max(cfg.n_slots as u32);
+    let mut ctx = match Context::new(model, &params) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
+    let mut slots: Vec<Slot> = (0..cfg.n_slots)
+        .map(|i| Slot {
+            seq: i as SeqId,
+            compressor: None,
+            method: Method::None,
+            cached: String::new(),
+            cursor: Cursor::default(),
+            last_used: Instant::now(),
+            work: None,
+        })
+        .collect();
+    let _ = ready.send(Ok(ctx.seq_capacity()));
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut batch = Batch::new(PREFILL_CHUNK + cfg.n_slots);
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let busy = slots.iter().any(|s| !s.free()) || !waiting.is_empty();
+        // Idle: wait for work (waking now and then to notice a shutdown).
+        if !busy {
+            match jobs.recv_timeout(Duration::from_millis(200)) {
+                Ok(j) => waiting.push_back(j),
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        while let Ok(j) = jobs.try_recv() {
+            waiting.push_back(j);
+        }
+        assign(model, &mut ctx, cfg, &mut slots, &mut waiting, &metrics);
+        step(&mut ctx, &mut slots, &mut batch, &metrics);
+        for s in &slots {
+            if let Some(kv) = ctx.seq_kv_stats(KvPart::Base, s.seq) {
+                metrics.set_slot(s.seq as usize, kv.cells_used, kv.bytes_live);
+            }
+        }
+    }
+    for s in &mut slots {
+        end(&ctx, s, FinishReason::Stop, true);
+    }
+}
+
+/// PyramidKV keeps a different count per layer through one dead-slot mask
+/// for the whole context, which slots of their own cannot share.
+pub fn pyramid_refused() -> ApiError {
+    ApiError::bad_request(
+        "pyramidkv needs a context-wide dead-slot mask, which a server's slots cannot share".into(),
+        Some("chunkkv.kv_method"),
+    )
+}
+
+/// The text a prompt renders to.
+fn render(model: &Model, prompt: &Prompt) -> String {
+    match prompt {
+        Prompt::Text(t) => t.clone(),
+        Prompt::Chat(messages) => model
+            .apply_chat_template(messages, true)
+            .unwrap_or_else(|_| {
+                let mut text: String = messages
+                    .iter()
+                    .map(|m| format!("{}: {}\n", m.role, m.content))
+                    .collect();
+                text.push_str("assistant:");
+                text
+            }),
+    }
+}
+
+/// Gives waiting jobs to free slots: the slot whose cached text the prompt
+/// continues (only the new part is prefilled), else the least recently used.
+fn assign(
+    model: &Model,
+    ctx: &mut Context<'_>,
+    cfg: &EngineConfig,
+    slots: &mut [Slot],
+    waiting: &mut VecDeque<Job>,
+    metrics: &Metrics,
+) {
+    while let Some(job) = waiting.front() {
+        if job.events.is_closed() {
+            let job = waiting.pop_front().expect("front exists");
+            job.admitted.fetch_sub(1, Ordering::Relaxed);
+            continue;
+        }
+        let rendered = render(model, &job.prompt);
+        let reuse = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.free() && !s.cached.is_empty() && rendered.starts_with(&s.cached))
+            .max_by_key(|(_, s)| s.cached.len())
+            .map(|(i, _)| i);
+        let lru = || {
+            slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.free())
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(i, _)| i)
+        };
+        let Some(i) = reuse.or_else(lru) else {
+            return;
+        };
+        let job = waiting.pop_front().expect("front exists");
+        let slot = &mut slots[i];
+        if reuse.is_none() {
+            // A new conversation: the slot starts over.
+            ctx.seq_rm(slot.seq, -1, -1);
+            slot.cached.clear();
+            slot.cursor = Cursor::default();
+            if let Some(c) = slot.compressor.as_mut() {
+                c.reset();
+            }
+        }
+        match start(model, ctx, cfg, slot, job, rendered) {
+            Ok(()) => metrics.requests.fetch_add(1, Ordering::Relaxed),
+            Err((job, e)) => {
+                let _ = job.events.send(Event::Error(e));
+                job.admitted.fetch_sub(1, Ordering::Relaxed);
+                0
+            }
+        };
+    }
+}
+
+/// A slot's compressor: ChunkKV's shape for turns, sentences ranked by
+/// mean for documents (as `chat` does), reconstruction prompts that open
+/// inside the user's message (the head ends mid-message).
+fn new_compressor(
+    ctx: &Context<'_>,
+    cfg: &EngineConfig,
+    policy: Box<dyn crate::compress::Policy>,
+    reuse: usize,
+    method: Method,
+    seq: SeqId,
+) -> Result<Compressor, String> {
+    let rec = Reconstruction::for_model(ctx.model(), TurnState::Open)
+        .map_err(|e| format!("reconstruction prompts: {e}"))?;
+    let mut c = Compressor::new(ctx, policy, cfg.shape.window, reuse)
+        .map_err(|e| e.to_string())?
+        .with_seq(seq)
+        .with_reconstruction(rec);
+    if method == Method::Chunkkv {
+        let mut doc = cfg.shape.clone();
+        doc.chunking = Chunking::Sentences;
+        doc.chunk_score = ChunkScore::Mean;
+        c = c.with_document_policy(Box::new(doc));
+    }
+    Ok(c)
+}
+
+/// Sets a job up on a slot: the compressor it asks for, the new tokens, the
+/// check that they fit.
+// A refused job goes back with its error, for the caller to answer it: rare,
+// so its size does not matter.
+#[allow(clippy::result_large_err)]
+fn start(
+    model: &Model,
+    ctx: &mut Context<'_>,
+    cfg: &EngineConfig,
+    slot: &mut Slot,
+    job: Job,
+    rendered: String,
+) -> Result<(), (Job, ApiError)> {
+    let method = job.method.unwrap_or(cfg.method);
+    let budget = job.budget.unwrap_or(cfg.budget);
+    if method == Method::Pyramidkv {
+        return Err((job, pyramid_refused()));
+    }
+    let compress = method != Method::None;
+    if compress && (slot.compressor.is_none() || slot.method != method) {
+        let reuse = if method == Method::Chunkkv {
+            cfg.reuse
+        } else {
+            1
+        };
+        let policy = match method.policy(&cfg.shape, cfg.seed) {
+            Ok(p) => p,
+            Err(e) => {
+                return Err((
+                    job,
+                    ApiError::bad_request(e.to_string(), Some("chunkkv.kv_method")),
+                ))
+            }
+        };
+        match slot.compressor.as_mut() {
+            // History compacted under another method stays; the new one takes over.
+            Some(c) => c.set_policy(policy, reuse),
+            None => match new_compressor(ctx, cfg, policy, reuse, method, slot.seq) {
+                Ok(c) => slot.compressor = Some(c),
+                Err(e) => return Err((job, ApiError::bad_request(e, Some("chunkkv.kv_method")))),
+            },
+        }
+        slot.method = method;
+    }
+    let delta = &rendered[slot.cached.len()..];
+    let tokens = match model.tokenize(delta, slot.cursor.next_pos == 0, true) {
+        Ok(t) if !t.is_empty() => t,
+        Ok(_) => {
+            return Err((
+                job,
+                ApiError::bad_request(
+                    "the prompt adds nothing to the conversation".into(),
+                    Some("messages"),
+                ),
+            ))
+        }
+        Err(e) => return Err((job, ApiError::bad_request(e.to_string(), Some("messages")))),
+    };
+    let capacity = ctx.seq_capacity();
+    let used = ctx.seq_used(slot.seq);
+    let window = cfg.shape.window.min(tokens.len());
+    // What the slot must hold once this prompt is in and compressed, plus the reply.
+    let kept = if compress {
+        budget
+            .cells_for(slot.cursor.prefilled + tokens.len())
+            .max(window)
+    } else {
+        used + tokens.len()
+    };
+    if kept + job.max_tokens + 1 > capacity {
+        let msg = format!(
+            "this request needs {} cells ({} for the conversation{}, {} for max_tokens) but a slot holds {capacity}",
+            kept + job.max_tokens + 1,
+            kept,
+            if compress { " compressed to its budget" } else { "" },
+            job.max_tokens
+        );
+        return Err((job, ApiError::context_length(msg)));
+    }
+    let sampler = Sampler::new(&job.sampling);
+    slot.last_used = Instant::now();
+    let n_prompt = slot.cursor.prefilled + tokens.len();
+    let scores = compress && slot.compressor.as_ref().is_some_and(Compressor::has_scores);
+    let reconstruct = scores
+        && match job.score.unwrap_or(cfg.score) {
+            // Only a conversation's opening prompt: a later one's reconstruction
+            // would score only itself, against the turns before it still uncompressed.
+            ScoreChoice::Auto => slot.cursor.next_pos == 0 && tokens.len() >= DOCUMENT_TOKENS,
+            ScoreChoice::Fixed(s) => s == Scorer::Reconstruct,
+        };
+    slot.work = Some(Work {
+        sampler,
+        budget: compress.then_some(budget),
+        start: slot.cursor.next_pos,
+        reconstruct,
+        pending: tokens,
+        done: 0,
+        window,
+        rendered,
+        n_prompt,
+        generated: 0,
+        text: String::new(),
+        held: String::new(),
+        detok: StreamDecoder::new(),
+        decoded: Vec::new(),
+        next: None,
+        job,
+    });
+    Ok(())
+}
+
+/// One step: decode tokens of the generating slots and a chunk of one
+/// prefilling slot together, then compress a slot whose prompt is in.
+fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &Metrics) {
+    batch.clear();
+    let mut rows: Vec<(usize, i32)> = Vec::new();
+    for (i, s) in slots.iter().enumerate() {
+        if let Some(tok) = s.work.as_ref().and_then(|w| w.next) {
+            rows.push((i, batch.len() as i32));
+            batch.push(tok, s.cursor.next_pos, s.seq, true);
+        }
+    }
+    // One prefilling slot adds a chunk of its prompt (all but its window).
+    let prefilling = slots.iter().position(|s| {
+        s.work
+            .as_ref()
+            .is_some_and(|w| w.next.is_none() && w.done + w.window < w.pending.len())
+    });
+    let mut chunk = None;
+    if let Some(i) = prefilling {
+        let s = &slots[i];
+        let w = s.work.as_ref().expect("prefilling slot has work");
+        let free = ctx.seq_capacity().saturating_sub(ctx.seq_used(s.seq));
+        let head = w.pending.len() - w.window;
+        // Reconstruction decodes its prompts and a chunk (64 tokens at least) on top.
+        let room = match (&s.compressor, w.reconstruct) {
+            (Some(c), true) => c.reconstruction_room(64),
+            _ => 0,
+        };
+        let fits = w.pending.len() - w.done + w.job.max_tokens + room < free;
+        if fits || w.budget.is_none() {
+            let n = (head - w.done).min(PREFILL_CHUNK);
+            for (k, &t) in w.pending[w.done..w.done + n].iter().enumerate() {
+                batch.push(t, s.cursor.next_pos + k as Pos, s.seq, false);
+            }
+            chunk = Some((i, n));
+        }
+    }
+    if !batch.is_empty() {
+        if let Err(e) = ctx.decode(batch) {
+            let err = ApiError::server(format!("decode failed: {e}"));
+            for s in slots.iter_mut().filter(|s| !s.free()) {
+                fail(ctx, s, err.clone());
+            }
+            return;
+        }
+    }
+    if let Some((i, n)) = chunk {
+        let s = &mut slots[i];
+        if let Some(w) = s.work.as_mut() {
+            w.done += n;
+        }
+        s.cursor.next_pos += n as Pos;
+        s.cursor.prefilled += n;
+    }
+    for &(i, row) in &rows {
+        let s = &mut slots[i];
+        s.cursor.next_pos += 1;
+        s.cursor.prefilled += 1;
+        sample(ctx, s, row, metrics);
+    }
+    // A prompt that does not fit the free cells: segmented, compressed, at once.
+    if let Some(i) = prefilling.filter(|_| chunk.is_none()) {
+        prefill_segmented(ctx, &mut slots[i], metrics);
+        return;
+    }
+    // A slot whose head is in: its window, scored, then compaction (alone).
+    if let Some(i) = slots.iter().position(|s| {
+        s.work
+            .as_ref()
+            .is_some_and(|w| w.next.is_none() && w.done + w.window >= w.pending.len())
+    }) {
+        compress_window(ctx, &mut slots[i], metrics);
+    }
+}
+
+/// The last `window` prompt tokens with importance on, and the compression
+/// `chat` does per turn (history kept, the fresh cells candidates).
+fn compress_window(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
+    let Some(w) = s.work.as_mut() else { return };
+    let tail = w.pending[w.done..].to_vec();
+    let result = match (w.budget, s.compressor.as_mut()) {
+        (Some(budget), Some(c)) => {
+            let n_keep = budget
+                .cells_for(s.cursor.prefilled + tail.len())
+                .max(tail.len())
+                .max(1);
+            let keep = Keep {
+                from: Pos::MAX,
+                history: true,
+                short: true,
+            };
+            let done = if w.reconstruct {
+                let head = &w.pending[..w.done];
+                c.reconstruct_prefilled(ctx, head, w.start, &tail, n_keep, keep, budget.json())
+            } else {
+                c.prefill_turn(
+                    ctx,
+                    &tail,
+                    s.cursor.next_pos,
+                    n_keep,
+                    keep,
+                    Scorer::Window,
+                    budget.json(),
+                )
+            };
+            done.map(|done| {
+                if done.compressed {
+                    metrics.compressions.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .map_err(|e| e.to_string())
+        }
+        _ => ctx
+            .decode_tokens(&tail, s.cursor.next_pos, s.seq, true)
+            .map_err(|e| e.to_string()),
+    };
+    if let Err(e) = result {
+        fail(ctx, s, ApiError::server(e));
+        return;
+    }
+    w.done = w.pending.len();
+    s.cursor.next_pos += tail.len() as Pos;
+    s.cursor.prefilled += tail.len();
+    sample(ctx, s, -1, metrics);
+}
+
+/// A prompt longer than the slot's free cells, through `compress::stream`.
+fn prefill_segmented(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
+    let Some(w) = s.work.as_mut() else { return };
+    let rest = w.pending[w.done..].to_vec();
+    let fed = match (w.budget, s.compressor.as_mut()) {
+        (Some(budget), Some(c)) => {
+            let before = s.cursor.compressions;
+            let scorer = if w.reconstruct {
+                Scorer::Reconstruct
+            } else {
+                Scorer::Window
+            };
+            let r = stream::feed(
+                ctx,
+                c,
+                &rest,
+                &mut s.cursor,
+                budget,
+                w.job.max_tokens + 1,
+                scorer,
+                &mut |_| {},
+            );
+            let added = s.cursor.compressions - before;
+            metrics
+                .compressions
+                .fetch_add(added as u64, Ordering::Relaxed);
+            r.map_err(|e| e.to_string())
+        }
+        _ => Err("the prompt does not fit the slot".into()),
+    };
+    if let Err(e) = fed {
+        fail(ctx, s, ApiError::context_length(e));
+        return;
+    }
+    w.done = w.pending.len();
+    sample(ctx, s, -1, metrics);
+}
+
+/// Samples the slot's next token from output row `row` and streams its text.
+fn sample(ctx: &mut Context<'_>, s: &mut Slot, row: i32, metrics: &Metrics) {
+    let model = ctx.model();
+    let Some(w) = s.work.as_mut() else { return };
+    // The token decoded in this step is in the cache now.
+    if let Some(prev) = w.next.take() {
+        w.decoded.push(prev);
+    }
+    let tok = w.sampler.sample(ctx, row);
+    if model.is_eog(tok) {
+        end(ctx, s, FinishReason::Stop, true);
+        return;
+    }
+    w.generated += 1;
+    metrics.tokens.fetch_add(1, Ordering::Relaxed);
+    let piece = w.detok.push(model, tok);
+    w.held.push_str(&piece);
+    // Stop strings: cut there; keep back a tail that could still start one.
+    if let Some(at) = w
+        .job
+        .stop
+        .iter()
+        .filter_map(|st| w.held.find(st.as_str()))
+        .min()
+    {
+        let out = w.held[..at].to_string();
+        w.held.clear();
+        if !out.is_empty() {
+            w.text.push_str(&out);
+            let _ = w.job.events.send(Event::Text(out));
+        }
+        end(ctx, s, FinishReason::Stop, false);
+        return;
+    }
+    let keep = w
+        .job
+        .stop
+        .iter()
+        .map(|st| longest_prefix_suffix(&w.held, st))
+        .max()
+        .unwrap_or(0);
+    let cut = floor_char_boundary(&w.held, w.held.len() - keep);
+    if cut > 0 {
+        let out: String = w.held.drain(..cut).collect();
+        w.text.push_str(&out);
+        if w.job.events.send(Event::Text(out)).is_err() {
+            // The client went away: stop here; what is in the cache stays.
+            end(ctx, s, FinishReason::Stop, false);
+            return;
+        }
+    }
+    if w.generated >= w.job.max_tokens {
+        end(ctx, s, FinishReason::Length, true);
+        return;
+    }
+    w.next = Some(tok);
+}
+
+/// Ends the slot's request: the rest of its text (`flush`), then `Done`
+/// with the usage. The slot keeps the conversation as its cache holds it.
+fn end(ctx: &Context<'_>, s: &mut Slot, reason: FinishReason, flush: bool) {
+    let Some(mut w) = s.work.take() else { return };
+    s.cached = w.rendered.clone() + &ctx.model().detokenize(&w.decoded, false);
+    s.last_used = Instant::now();
+    let rest = std::mem::take(&mut w.held) + &w.detok.finish();
+    if flush && !rest.is_empty() {
+        w.text.push_str(&rest);
+        let _ = w.job.events.send(Event::Text(rest));
+    }
+    let usage = Usage {
+        prompt_tokens: w.n_prompt,
+        completion_tokens: w.generated,
+        total_tokens: w.n_prompt + w.generated,
+    };
+    let _ = w.job.events.send(Event::Done {
+        finish: reason,
+        usage,
+    });
+    w.job.admitted.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Ends the slot's request with an error; a prompt only partly in the cache
+/// is dropped with the whole slot.
+fn fail(ctx: &mut Context<'_>, s: &mut Slot, err: ApiError) {
+    let Some(w) = s.work.take() else { return };
+    let _ = w.job.events.send(Event::Error(err));
+    w.job.admitted.fetch_sub(1, Ordering::Relaxed);
+    ctx.seq_rm(s.seq, -1, -1);
+    s.cached.clear();
+    s.cursor = Cursor::default();
+    if let Some(c) = s.compressor.as_mut() {
+        c.reset();
+    }
+}
+
+/// The longest suffix of `text` that is a proper prefix of `stop`.
+fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
+    (1..stop.len().min(text.len() + 1))
+        .rev()
+        .find(|&k| stop.is_char_boundary(k) && text.ends_with(&stop[..k]))
+        .unwrap_or(0)
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_string_in_the_making_is_held_back() {
+        assert_eq!(longest_prefix_suffix("Hello wor", "world"), 3);
+        assert_eq!(longest_prefix_suffix("Hello", "world"), 0);
+        assert_eq!(longest_prefix_suffix("end <", "</s>"), 1);
+        assert_eq!(
+            longest_prefix_suffix("ab", "ab"),
+            0,
+            "a whole stop string is found, not held"
+        );
+    }
+}

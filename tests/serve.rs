@@ -1,0 +1,439 @@
+//! `chunkkv serve` as its users drive it: the official `openai` Python client
+//! and curl over real HTTP, on real models, on 127.0.0.1.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{bin, essays, model_path};
+use serde_json::Value;
+
+/// A server on a free port, killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Server {
+    fn start(model: &str, args: &[&str]) -> Server {
+        let model = model_path(model);
+        let mut child = Command::new(bin())
+            .args([
+                "serve",
+                "-m",
+                model.to_str().unwrap(),
+                "--port",
+                "0",
+                "-t",
+                "2",
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chunkkv serve");
+        let (tx, rx) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("the server did not start: {:?}", child.try_wait()));
+            if let Some(rest) = line.split("listening on http://127.0.0.1:").nth(1) {
+                let port = rest.split(' ').next().unwrap().parse().unwrap();
+                return Server {
+                    child,
+                    port,
+                    stderr: rx,
+                };
+            }
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Everything the server wrote to stderr so far.
+    fn log(&self) -> String {
+        self.stderr.try_iter().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `curl` with `args`; returns the HTTP status and the body.
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "300", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl (install it, or run .ci/setup)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn post(server: &Server, path: &str, body: &Value, extra: &[&str]) -> (u16, String) {
+    let body = body.to_string();
+    let url = server.url(path);
+    let mut args = vec!["-H", "content-type: application/json", "-d", &body];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    curl(&args)
+}
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// Sums a Prometheus metric over its labels.
+fn metric(server: &Server, name: &str) -> f64 {
+    let (_, text) = curl(&[&server.url("/metrics")]);
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn chat_body(content: &str, max_tokens: usize) -> Value {
+    serde_json::json!({
+        "model": "whatever",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+}
+
+/// The interpreter with the `openai` package that .ci/setup installs.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("CHUNKKV_PYTHON") {
+        return p.into();
+    }
+    chunkkv::models::cache_dir().join("venv/bin/python")
+}
+
+#[test]
+fn the_openai_python_client_chats_streams_completes_and_recalls_under_compression() {
+    let py = python();
+    let ok = Command::new(&py)
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "{} cannot import openai: run .ci/setup", py.display());
+    let server = Server::start("qwen2.5-0.5b", &["-c", "8192", "-np", "4"]);
+    let doc = std::env::temp_dir().join(format!("chunkkv-serve-doc-{}.txt", std::process::id()));
+    std::fs::write(&doc, essays(6000)).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/openai_client.py"
+    );
+    let out = Command::new(&py)
+        .args([script, &server.url(""), doc.to_str().unwrap()])
+        .env("PYTHONUNBUFFERED", "1")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&doc);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client:\n{stdout}\n{}\nserver:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    assert_eq!(stdout.matches("ok: ").count(), 7, "{stdout}");
+}
+
+#[test]
+fn curl_gets_openai_shapes_and_clear_errors() {
+    let server = Server::start(
+        "smollm2-135m",
+        &["-c", "2048", "-np", "2", "--api-key", "sesame"],
+    );
+    let auth = ["-H", "authorization: Bearer sesame"];
+    // /health needs no key; the API does.
+    assert_eq!(curl(&[&server.url("/health")]).0, 200);
+    let (code, body) = post(&server, "/v1/chat/completions", &chat_body("Hi", 4), &[]);
+    assert_eq!(code, 401, "{body}");
+    assert_eq!(json(&body)["error"]["type"], "authentication_error");
+
+    let (code, body) = post(
+        &server,
+        "/v1/chat/completions",
+        &chat_body("Name a color.", 8),
+        &auth,
+    );
+    assert_eq!(code, 200, "{body}");
+    let r = json(&body);
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["model"], "whatever", "the model field is echoed");
+    assert!(!r["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .is_empty());
+    let usage = &r["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+
+    let mut streamed = chat_body("Count to three.", 12);
+    streamed["stream"] = true.into();
+    let (code, body) = post(
+        &server,
+        "/v1/chat/completions",
+        &streamed,
+        &[&["-N"][..], &auth].concat(),
+    );
+    assert_eq!(code, 200, "{body}");
+    let events: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
+    let last = json(events[events.len() - 2]);
+    assert!(last["choices"][0]["finish_reason"].is_string(), "{body}");
+    assert!(
+        last["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        "{body}"
+    );
+
+    let completion =
+        serde_json::json!({"prompt": "Once upon a time", "max_tokens": 6, "stop": ["\n"]});
+    let (code, body) = post(&server, "/v1/completions", &completion, &auth);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["object"], "text_completion");
+
+    let (code, body) = curl(&[&auth[..], &[&server.url("/v1/models")]].concat());
+    assert_eq!(code, 200);
+    assert_eq!(json(&body)["data"][0]["object"], "model");
+
+    // Bad requests: 400 in OpenAI's shape, naming the field where there is one.
+    let bad: [(&str, Option<&str>); 6] = [
+        ("{not json", None),
+        (r#"{"messages": "hello"}"#, None),
+        (
+            r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}"#,
+            None,
+        ),
+        (r#"{"messages": []}"#, Some("messages")),
+        (
+            r#"{"messages": [{"role": "user", "content": "hi"}], "chunkkv": {"kv_method": "pyramidkv"}}"#,
+            Some("chunkkv.kv_method"),
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "hi"}], "chunkkv": {"kv_budget": "150%"}}"#,
+            Some("chunkkv.kv_budget"),
+        ),
+    ];
+    for (body, param) in bad {
+        let url = server.url("/v1/chat/completions");
+        let (code, resp) = curl(&[&auth[..], &["-d", body, &url]].concat());
+        assert_eq!(code, 400, "{body} -> {resp}");
+        let e = json(&resp);
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{resp}");
+        assert!(!e["error"]["message"].as_str().unwrap().is_empty());
+        if let Some(p) = param {
+            assert_eq!(e["error"]["param"], p, "{resp}");
+        }
+    }
+    let (code, _) = curl(&[&auth[..], &[&server.url("/v1/nothing")]].concat());
+    assert_eq!(code, 404);
+    // The server is still fine after all that.
+    let (code, _) = post(&server, "/v1/chat/completions", &chat_body("Hi", 2), &auth);
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn a_request_that_cannot_fit_its_slot_is_context_length_exceeded() {
+    // Two slots of 512 cells.
+    let server = Server::start("smollm2-135m", &["-c", "1024", "-np", "2"]);
+    let long = essays(3500);
+    // Uncompressed, ~800 tokens cannot fit 512 cells.
+    let mut body = chat_body(&long, 8);
+    body["chunkkv"] = serde_json::json!({"kv_method": "none"});
+    let (code, resp) = post(&server, "/v1/chat/completions", &body, &[]);
+    assert_eq!(code, 400, "{resp}");
+    assert_eq!(
+        json(&resp)["error"]["code"],
+        "context_length_exceeded",
+        "{resp}"
+    );
+    // Compressed to 25% it fits, with room for a reply.
+    let (code, resp) = post(&server, "/v1/chat/completions", &chat_body(&long, 8), &[]);
+    assert_eq!(code, 200, "{resp}");
+    // But not with a reply that needs nearly the whole slot.
+    let (code, resp) = post(&server, "/v1/chat/completions", &chat_body(&long, 480), &[]);
+    assert_eq!(code, 400, "{resp}");
+    assert_eq!(
+        json(&resp)["error"]["code"],
+        "context_length_exceeded",
+        "{resp}"
+    );
+}
+
+#[test]
+fn more_requests_than_slots_and_queue_get_503() {
+    let server = Server::start("smollm2-135m", &["-c", "2048", "-np", "1", "--queue", "1"]);
+    let url = server.url("/v1/chat/completions");
+    // A prompt of a few hundred tokens keeps the one slot busy for a while.
+    let body = chat_body(&essays(2000), 32).to_string();
+    let clients: Vec<Child> = (0..4)
+        .map(|_| {
+            Command::new("curl")
+                .args([
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-H",
+                    "content-type: application/json",
+                ])
+                .args(["-d", &body, &url])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut codes: Vec<String> = clients
+        .into_iter()
+        .map(|c| String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).into_owned())
+        .collect();
+    codes.sort();
+    // One running, one queued, two refused.
+    assert_eq!(codes, ["200", "200", "503", "503"]);
+    assert_eq!(metric(&server, "chunkkv_requests_rejected_total"), 2.0);
+}
+
+/// A streamed request over a raw socket, read until `events` data lines
+/// arrived, then dropped.
+fn stream_then_hang_up(port: u16, body: &Value, events: usize) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let body = body.to_string();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.matches("data: ").count() < events {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    drop(s);
+}
+
+#[test]
+fn a_client_that_hangs_up_mid_stream_stops_its_generation_and_frees_the_slot() {
+    let server = Server::start("smollm2-135m", &["-c", "2048", "-np", "1"]);
+    let body = serde_json::json!({
+        "prompt": "Here is a list of numbers: 1, 2, 3, 4, 5, 6, 7,",
+        "max_tokens": 200,
+        "temperature": 0,
+    });
+    // Left alone, this greedy request generates all 200 tokens.
+    let (code, resp) = post(&server, "/v1/completions", &body, &[]);
+    assert_eq!(code, 200, "{resp}");
+    assert_eq!(
+        json(&resp)["choices"][0]["finish_reason"],
+        "length",
+        "{resp}"
+    );
+    let before = metric(&server, "chunkkv_tokens_generated_total");
+
+    let mut streamed = body.clone();
+    streamed["stream"] = true.into();
+    stream_then_hang_up(server.port, &streamed, 4);
+    // The one slot is free again: the next request is served...
+    let (code, resp) = post(&server, "/v1/chat/completions", &chat_body("Hi", 4), &[]);
+    assert_eq!(code, 200, "{resp}");
+    // ...and the abandoned generation stopped well short of its 200 tokens.
+    let generated = metric(&server, "chunkkv_tokens_generated_total") - before;
+    assert!(
+        generated < 100.0,
+        "{generated} tokens generated after the hang-up"
+    );
+    assert_eq!(metric(&server, "chunkkv_requests_waiting"), 0.0);
+}
+
+#[test]
+fn sigterm_lets_running_requests_end_cleanly_and_exits_0() {
+    let mut server = Server::start("smollm2-135m", &["-c", "2048", "-np", "2"]);
+    let mut body = chat_body("Write a long story about a lighthouse keeper.", 200);
+    body["stream"] = true.into();
+    let body = body.to_string();
+    let url = server.url("/v1/chat/completions");
+    let client = Command::new("curl")
+        .args([
+            "-sSN",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+            &url,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while metric(&server, "chunkkv_tokens_generated_total") < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "no token generated");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "still running 15 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        server.log()
+    );
+    let log = server.log();
+    assert!(!log.contains("panicked"), "{log}");
+    let Output { stdout, .. } = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&stdout);
+    assert!(
+        stdout.trim_end().ends_with("data: [DONE]"),
+        "the stream ended cleanly: {stdout}"
+    );
+}
