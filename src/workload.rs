@@ -104,12 +104,29 @@ pub fn prose(n_words: usize, seed: u64) -> String {
     out
 }
 
+/// Words of prose tokenized at once for long prompts: llama.cpp's tokenizer
+/// slows down superlinearly on one huge string (a 1M-token prompt did not
+/// finish in 5 minutes), so those are built from blocks.
+const BLOCK_WORDS: usize = 8192;
+
 /// Exactly `n_tokens` tokens of prose (BOS first when the model wants one).
 pub fn prompt_tokens(
     model: &Model,
     n_tokens: usize,
     seed: u64,
 ) -> Result<Vec<Token>, TokenizeError> {
+    if n_tokens > BLOCK_WORDS {
+        let mut tokens = Vec::with_capacity(n_tokens + BLOCK_WORDS);
+        let mut block = 0u64;
+        while tokens.len() < n_tokens {
+            let text = prose(BLOCK_WORDS, seed.wrapping_add(block));
+            let text = if block == 0 { text } else { format!(" {text}") };
+            tokens.extend(model.tokenize(&text, block == 0, false)?);
+            block += 1;
+        }
+        tokens.truncate(n_tokens);
+        return Ok(tokens);
+    }
     let mut words = n_tokens.max(16);
     loop {
         let tokens = model.tokenize(&prose(words, seed), true, false)?;

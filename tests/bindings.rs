@@ -143,3 +143,15 @@ fn model_info_matches_smollm2() {
     assert_eq!(info.n_ctx_train, 8192);
     assert!(info.swa_layers.is_empty());
 }
+
+/// Long synthetic prompts are built from blocks: still exactly the length
+/// asked for, BOS first, and the same for the same seed.
+#[test]
+fn long_synthetic_prompts_have_the_exact_length() {
+    let model = default_model();
+    let a = chunkkv::workload::prompt_tokens(model, 30_000, 5).unwrap();
+    assert_eq!(a.len(), 30_000);
+    let short = chunkkv::workload::prompt_tokens(model, 100, 5).unwrap();
+    assert_eq!(a[0], short[0], "BOS (or the first word) leads both");
+    assert_eq!(a, chunkkv::workload::prompt_tokens(model, 30_000, 5).unwrap());
+}
