@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The server's capacity benchmark: the same total -c served three ways —
+# uncompressed with as many slots as fit a conversation, and ChunkKV at 20%
+# and 10% with four times the slots — each driven by benches/serve_load.py
+# (N concurrent conversations opening with a document; nothing queues, so a
+# conversation without a slot is refused and counted).
+# Usage: benches/serve_load.sh OUT_DIR   (env: CHUNKKV_BIN, MODEL, CTX, DOCS, N, NP_FULL, NP_COMPRESSED, EXTRA)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:?usage: benches/serve_load.sh OUT_DIR}"
+mkdir -p "$out"
+bin="${CHUNKKV_BIN:-target/release/chunkkv}"
+model="${MODEL:-smollm2-135m}"
+ctx="${CTX:-16384}"
+docs="${DOCS:-2000-6000}"
+n="${N:-8}"
+np_full="${NP_FULL:-2}"
+np_comp="${NP_COMPRESSED:-8}"
+read -r -a extra <<< "${EXTRA:-}"
+
+run() {
+  local slug="$1" label="$2"; shift 2
+  "$bin" serve -m "$model" -c "$ctx" --port 0 --queue 0 "$@" "${extra[@]}" 2> "$out/$slug.server.log" &
+  local pid=$! port=""
+  for _ in $(seq 1 600); do
+    port="$(sed -n 's/.*listening on http:\/\/127.0.0.1:\([0-9]*\).*/\1/p' "$out/$slug.server.log")"
+    [ -n "$port" ] && break
+    kill -0 "$pid" 2>/dev/null || { cat "$out/$slug.server.log" >&2; exit 1; }
+    sleep 0.5
+  done
+  python3 benches/serve_load.py --url "http://127.0.0.1:$port" --conversations "$n" \
+    --doc-tokens "$docs" --label "$label" --json-out "$out/$slug.json" $header >> "$out/table.md"
+  header=""
+  curl -s "http://127.0.0.1:$port/metrics" > "$out/$slug.metrics.txt"
+  kill -TERM "$pid"
+  wait "$pid"
+}
+
+header="--header"
+: > "$out/table.md"
+run none "none, -np $np_full" --kv-method none -np "$np_full"
+run chunkkv-20 "chunkkv 20%, -np $np_comp" --kv-method chunkkv --kv-budget 20% -np "$np_comp"
+run chunkkv-10 "chunkkv 10%, -np $np_comp" --kv-method chunkkv --kv-budget 10% -np "$np_comp"
+{
+  echo
+  echo "model $model, -c $ctx, $n conversations, documents of $docs tokens, $(date -u +%F)"
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs"
+} >> "$out/table.md"
+cat "$out/table.md"
