@@ -153,5 +153,8 @@ fn long_synthetic_prompts_have_the_exact_length() {
     assert_eq!(a.len(), 30_000);
     let short = chunkkv::workload::prompt_tokens(model, 100, 5).unwrap();
     assert_eq!(a[0], short[0], "BOS (or the first word) leads both");
-    assert_eq!(a, chunkkv::workload::prompt_tokens(model, 30_000, 5).unwrap());
+    assert_eq!(
+        a,
+        chunkkv::workload::prompt_tokens(model, 30_000, 5).unwrap()
+    );
 }

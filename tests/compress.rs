@@ -489,4 +489,16 @@ fn a_slot_of_a_two_sequence_context_compresses_like_a_context_of_its_own() {
         seq0,
         "sequence 0 untouched"
     );
+    // Compaction is per sequence: the other one may still drop its tail
+    // (a reconstruction's scratch tokens, say); the compacted one may not.
+    assert!(
+        !shared.seq_rm(1, 5, -1),
+        "partial removal over compacted slots"
+    );
+    let end = other.len() as i32;
+    assert!(
+        shared.seq_rm(0, end - 4, -1),
+        "sequence 0 was never compacted"
+    );
+    assert_eq!(shared.seq_used(0), other.len() - 4);
 }

@@ -264,9 +264,10 @@ pub struct Context<'m> {
     n_batch: u32,
     /// The per-layer dead slots llama.cpp currently masks (patch 0004).
     dead: Vec<DeadSlots>,
-    /// The highest position held by a slot of the last compaction: slots up
-    /// to it may hold different positions in different layers and heads.
-    compacted_until: Option<Pos>,
+    /// Per sequence, the highest position held by a slot of its last
+    /// compaction: slots up to it may hold different positions in different
+    /// layers and heads. Each sequence has its own (a server's slots).
+    compacted_until: std::collections::HashMap<SeqId, Pos>,
     /// Thread counts for single-token and batched decodes, when not fixed.
     tuners: Option<[ThreadTuner; 2]>,
     /// Thread counts llama.cpp was last told (generation, batch).
@@ -358,7 +359,7 @@ impl<'m> Context<'m> {
             n_ctx,
             n_batch,
             dead: Vec::new(),
-            compacted_until: None,
+            compacted_until: std::collections::HashMap::new(),
             tuners,
             n_threads: (n_threads, n_threads),
         })
@@ -544,7 +545,7 @@ impl<'m> Context<'m> {
         // SAFETY: valid memory.
         unsafe { sys::llama_memory_clear(self.memory(), data) }
         self.clear_dead_slots();
-        self.compacted_until = None;
+        self.compacted_until.clear();
     }
 
     /// Removes positions `[p0, p1)` of `seq` (negative bounds are open). Returns
@@ -552,16 +553,28 @@ impl<'m> Context<'m> {
     /// (recurrent memory) or the range reaches into compacted slots: a slot's
     /// cell position is one layer's; others may hold another token there.
     /// Removing tokens decoded after the compaction, or everything, is fine.
+    /// The last compacted position of `seq` (any sequence's for `seq` < 0).
+    fn compacted(&self, seq: SeqId) -> Option<Pos> {
+        if seq < 0 {
+            return self.compacted_until.values().copied().max();
+        }
+        self.compacted_until.get(&seq).copied()
+    }
+
     pub fn seq_rm(&mut self, seq: SeqId, p0: Pos, p1: Pos) -> bool {
         let whole = p0 <= 0 && p1 < 0;
-        if self.compacted_until.is_some_and(|m| p0 <= m) && !whole {
+        if self.compacted(seq).is_some_and(|m| p0 <= m) && !whole {
             return false;
         }
         // SAFETY: valid memory.
         let ok = unsafe { sys::llama_memory_seq_rm(self.memory(), seq, p0, p1) };
         if ok && whole {
             self.clear_dead_slots();
-            self.compacted_until = None;
+            if seq < 0 {
+                self.compacted_until.clear();
+            } else {
+                self.compacted_until.remove(&seq);
+            }
         }
         ok
     }
@@ -580,7 +593,7 @@ impl<'m> Context<'m> {
     /// shifting nothing, when the range reaches into compacted slots (their
     /// positions differ between layers; one shift per cell would be wrong).
     pub fn seq_add(&mut self, seq: SeqId, p0: Pos, p1: Pos, delta: Pos) -> bool {
-        if self.compacted_until.is_some_and(|m| p0 <= m) {
+        if self.compacted(seq).is_some_and(|m| p0 <= m) {
             return false;
         }
         // SAFETY: valid memory.
@@ -626,7 +639,7 @@ impl<'m> Context<'m> {
         // SAFETY: data is readable for its length.
         // The restored cells are new: a mask of the old ones would hide the wrong slots.
         self.clear_dead_slots();
-        self.compacted_until = None;
+        self.compacted_until.remove(&seq);
         let n = unsafe {
             sys::llama_state_seq_set_data(self.ptr.as_ptr(), data.as_ptr(), data.len(), seq)
         };
@@ -643,7 +656,7 @@ impl<'m> Context<'m> {
         Ok(SeqState {
             bytes: self.state_seq_get(seq)?,
             dead: self.dead.clone(),
-            compacted_until: self.compacted_until,
+            compacted_until: self.compacted(seq),
         })
     }
 
@@ -654,7 +667,9 @@ impl<'m> Context<'m> {
             self.set_dead_slots(&state.dead)
                 .map_err(|_| StateError::Rejected)?;
         }
-        self.compacted_until = state.compacted_until;
+        if let Some(m) = state.compacted_until {
+            self.compacted_until.insert(seq, m);
+        }
         Ok(())
     }
 
@@ -793,7 +808,10 @@ impl<'m> Context<'m> {
                 // Every slot was rewritten: the old mask no longer applies. A
                 // refused compaction left the cache, and so its mask, as it was.
                 self.clear_dead_slots();
-                self.compacted_until = slot_pos.iter().copied().max();
+                match slot_pos.iter().copied().max() {
+                    Some(m) => self.compacted_until.insert(seq, m),
+                    None => self.compacted_until.remove(&seq),
+                };
                 Ok(())
             }
             -1 => Err(CompactError::BadArguments),

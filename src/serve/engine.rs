@@ -277,8 +277,8 @@ fn assign(
         match start(model, ctx, cfg, slot, job, rendered) {
             Ok(()) => metrics.requests.fetch_add(1, Ordering::Relaxed),
             Err((job, e)) => {
+                job.admitted.fetch_sub(1, Ordering::AcqRel);
                 let _ = job.events.send(Event::Error(e));
-                job.admitted.fetch_sub(1, Ordering::Relaxed);
                 0
             }
         };
@@ -660,19 +660,20 @@ fn end(ctx: &Context<'_>, s: &mut Slot, reason: FinishReason, flush: bool) {
         completion_tokens: w.generated,
         total_tokens: w.n_prompt + w.generated,
     };
+    // Released before the client hears of it, so its next turn finds room.
+    w.job.admitted.fetch_sub(1, Ordering::AcqRel);
     let _ = w.job.events.send(Event::Done {
         finish: reason,
         usage,
     });
-    w.job.admitted.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Ends the slot's request with an error; a prompt only partly in the cache
 /// is dropped with the whole slot.
 fn fail(ctx: &mut Context<'_>, s: &mut Slot, err: ApiError) {
     let Some(w) = s.work.take() else { return };
+    w.job.admitted.fetch_sub(1, Ordering::AcqRel);
     let _ = w.job.events.send(Event::Error(err));
-    w.job.admitted.fetch_sub(1, Ordering::Relaxed);
     ctx.seq_rm(s.seq, -1, -1);
     s.cached.clear();
     s.cursor = Cursor::default();
