@@ -120,6 +120,9 @@ struct Work {
     start: Pos,
     /// Score this prompt by reconstruction rather than by its window.
     reconstruct: bool,
+    /// Longer than the slot's free cells: prefilled a segment per step,
+    /// each compressed before the next (`compress::stream`).
+    segmented: bool,
     done: usize,
     window: usize,
     /// The rendered text once the prompt is in the cache.
@@ -406,6 +409,7 @@ fn start(
         budget: compress.then_some(budget),
         start: slot.cursor.next_pos,
         reconstruct,
+        segmented: false,
         pending: tokens,
         done: 0,
         window,
@@ -433,17 +437,24 @@ fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &
             batch.push(tok, s.cursor.next_pos, s.seq, true);
         }
     }
-    // One prefilling slot adds a chunk of its prompt (all but its window).
+    // One prefilling slot adds a chunk of its prompt (all but its window),
+    // or, when the prompt is longer than its free cells, a segment after the batch.
     let prefilling = slots.iter().position(|s| {
-        s.work
-            .as_ref()
-            .is_some_and(|w| w.next.is_none() && w.done + w.window < w.pending.len())
+        s.work.as_ref().is_some_and(|w| {
+            w.next.is_none()
+                && if w.segmented {
+                    w.done < w.pending.len()
+                } else {
+                    w.done + w.window < w.pending.len()
+                }
+        })
     });
     let mut chunk = None;
+    let mut segment = None;
     if let Some(i) = prefilling {
-        let s = &slots[i];
-        let w = s.work.as_ref().expect("prefilling slot has work");
+        let s = &mut slots[i];
         let free = ctx.seq_capacity().saturating_sub(ctx.seq_used(s.seq));
+        let w = s.work.as_mut().expect("prefilling slot has work");
         let head = w.pending.len() - w.window;
         // Reconstruction decodes its prompts and a chunk (64 tokens at least) on top.
         let room = match (&s.compressor, w.reconstruct) {
@@ -451,12 +462,15 @@ fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &
             _ => 0,
         };
         let fits = w.pending.len() - w.done + w.job.max_tokens + room < free;
-        if fits || w.budget.is_none() {
+        if !w.segmented && (fits || w.budget.is_none()) {
             let n = (head - w.done).min(PREFILL_CHUNK);
             for (k, &t) in w.pending[w.done..w.done + n].iter().enumerate() {
                 batch.push(t, s.cursor.next_pos + k as Pos, s.seq, false);
             }
             chunk = Some((i, n));
+        } else {
+            w.segmented = true;
+            segment = Some(i);
         }
     }
     if !batch.is_empty() {
@@ -482,16 +496,16 @@ fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &
         s.cursor.prefilled += 1;
         sample(ctx, s, row, metrics);
     }
-    // A prompt that does not fit the free cells: segmented, compressed, at once.
-    if let Some(i) = prefilling.filter(|_| chunk.is_none()) {
-        prefill_segmented(ctx, &mut slots[i], metrics);
+    // A prompt that does not fit the free cells: one segment, compressed.
+    if let Some(i) = segment {
+        prefill_segment(ctx, &mut slots[i], metrics);
         return;
     }
     // A slot whose head is in: its window, scored, then compaction (alone).
     if let Some(i) = slots.iter().position(|s| {
-        s.work
-            .as_ref()
-            .is_some_and(|w| w.next.is_none() && w.done + w.window >= w.pending.len())
+        s.work.as_ref().is_some_and(|w| {
+            w.next.is_none() && !w.segmented && w.done + w.window >= w.pending.len()
+        })
     }) {
         compress_window(ctx, &mut slots[i], metrics);
     }
@@ -548,10 +562,21 @@ fn compress_window(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
     sample(ctx, s, -1, metrics);
 }
 
-/// A prompt longer than the slot's free cells, through `compress::stream`.
-fn prefill_segmented(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
+/// One segment of a prompt longer than the slot's free cells, through
+/// `compress::stream` (prefilled, scored, compacted before the next): about
+/// half the free cells per step, so the other slots decode in between.
+fn prefill_segment(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
     let Some(w) = s.work.as_mut() else { return };
-    let rest = w.pending[w.done..].to_vec();
+    let free = ctx.seq_capacity().saturating_sub(ctx.seq_used(s.seq));
+    let rest = w.pending.len() - w.done;
+    let per_step = (free / 2).max(PREFILL_CHUNK);
+    // The last segment takes the prompt's end whole: its window is the question.
+    let n = if rest <= per_step + w.window {
+        rest
+    } else {
+        per_step
+    };
+    let part = w.pending[w.done..w.done + n].to_vec();
     let fed = match (w.budget, s.compressor.as_mut()) {
         (Some(budget), Some(c)) => {
             let before = s.cursor.compressions;
@@ -563,7 +588,7 @@ fn prefill_segmented(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
             let r = stream::feed(
                 ctx,
                 c,
-                &rest,
+                &part,
                 &mut s.cursor,
                 budget,
                 w.job.max_tokens + 1,
@@ -574,16 +599,32 @@ fn prefill_segmented(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
             metrics
                 .compressions
                 .fetch_add(added as u64, Ordering::Relaxed);
-            r.map_err(|e| e.to_string())
+            r
         }
-        _ => Err("the prompt does not fit the slot".into()),
+        _ => {
+            fail(
+                ctx,
+                s,
+                ApiError::context_length("the prompt does not fit the slot".into()),
+            );
+            return;
+        }
     };
-    if let Err(e) = fed {
-        fail(ctx, s, ApiError::context_length(e));
-        return;
+    match fed {
+        Ok(()) => {}
+        Err(e @ stream::StreamError::Full { .. }) => {
+            fail(ctx, s, ApiError::context_length(e.to_string()));
+            return;
+        }
+        Err(e) => {
+            fail(ctx, s, ApiError::server(e.to_string()));
+            return;
+        }
     }
-    w.done = w.pending.len();
-    sample(ctx, s, -1, metrics);
+    w.done += n;
+    if w.done == w.pending.len() {
+        sample(ctx, s, -1, metrics);
+    }
 }
 
 /// Samples the slot's next token from output row `row` and streams its text.
