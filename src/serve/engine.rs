@@ -177,6 +177,7 @@ pub fn run(
     let _ = ready.send(Ok(ctx.seq_capacity()));
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut batch = Batch::new(PREFILL_CHUNK + cfg.n_slots);
+    let mut gauges_at = Instant::now();
     loop {
         if stop.load(Ordering::Relaxed) {
             break;
@@ -195,9 +196,15 @@ pub fn run(
         }
         assign(model, &mut ctx, cfg, &mut slots, &mut waiting, &metrics);
         step(&mut ctx, &mut slots, &mut batch, &metrics);
-        for s in &slots {
-            if let Some(kv) = ctx.seq_kv_stats(KvPart::Base, s.seq) {
-                metrics.set_slot(s.seq as usize, kv.cells_used, kv.bytes_live);
+        // The per-slot gauges walk every cell: a few times a second is enough,
+        // and always once the work is done.
+        let idle = slots.iter().all(Slot::free) && waiting.is_empty();
+        if idle || gauges_at.elapsed() >= Duration::from_millis(250) {
+            gauges_at = Instant::now();
+            for s in &slots {
+                if let Some(kv) = ctx.seq_kv_stats(KvPart::Base, s.seq) {
+                    metrics.set_slot(s.seq as usize, kv.cells_used, kv.bytes_live);
+                }
             }
         }
     }
