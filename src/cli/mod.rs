@@ -304,7 +304,8 @@ pub struct ChunkArgs {
     pub chunk_by: Option<Chunking>,
     /// What scores the cache: the observation window (the prompt's end, its
     /// question if it has one) or context reconstruction (KVzip: query-agnostic,
-    /// about one more prefill of cost). `kvzip` always reconstructs.
+    /// a pass over the context that scores every query: 2.6–3× the prefill on a
+    /// 2-core CPU). `kvzip` always reconstructs.
     /// Default: window; chat documents: reconstruct.
     #[arg(long = "kv-score", value_enum)]
     pub score: Option<Scorer>,
