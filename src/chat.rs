@@ -13,7 +13,9 @@ use std::time::Instant;
 
 use crate::compress::stream::{self, Cursor, StreamError};
 use crate::compress::{Budget, CompressError, Compressor, Policy, Scorer};
-use crate::llama::{ChatMessage, Context, KvPart, KvStats, Pos, Sampler, Token, TokenizeError};
+use crate::llama::{
+    ChatMessage, Context, KvPart, KvStats, Model, Pos, Sampler, Token, TokenizeError,
+};
 use crate::pipeline::{self, PipelineError, StopReason};
 
 #[derive(Debug, thiserror::Error)]
@@ -226,25 +228,7 @@ impl<'m> ChatSession<'m> {
             all.push(ChatMessage::new("system", s));
         }
         all.extend_from_slice(messages);
-        let model = self.ctx.model();
-        match model.apply_chat_template(&all, open) {
-            Ok(text) => text,
-            // No template: a plain transcript.
-            Err(_) => {
-                let mut text: String = all
-                    .iter()
-                    .map(|m| {
-                        let mut role = m.role.clone();
-                        role[..1].make_ascii_uppercase();
-                        format!("{role}: {}\n", m.content)
-                    })
-                    .collect();
-                if open {
-                    text.push_str("Assistant:");
-                }
-                text
-            }
-        }
+        render(self.ctx.model(), &all, open)
     }
 
     /// Text to append to the cache so it holds `rendered`.
@@ -428,5 +412,29 @@ impl<'m> ChatSession<'m> {
             },
             StreamError::Compress(e) => ChatError::Compress(e),
         })
+    }
+}
+
+/// `messages` in the model's chat template, or a plain transcript when it has
+/// none; `open` adds the assistant's opening. Shared with `serve`.
+pub fn render(model: &Model, messages: &[ChatMessage], open: bool) -> String {
+    match model.apply_chat_template(messages, open) {
+        Ok(text) => text,
+        Err(_) => {
+            let mut text: String = messages
+                .iter()
+                .map(|m| {
+                    let mut role = m.role.clone();
+                    if let Some(first) = role.get_mut(..1) {
+                        first.make_ascii_uppercase();
+                    }
+                    format!("{role}: {}\n", m.content)
+                })
+                .collect();
+            if open {
+                text.push_str("Assistant:");
+            }
+            text
+        }
     }
 }

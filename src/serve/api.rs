@@ -500,14 +500,11 @@ fn submit(state: &AppState, job: Job) -> Result<(), ApiError> {
     })
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    match chat_inner(&state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn chat_inner(state: &Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let state = &state;
     let req: ChatRequest = parse(&body)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request(
@@ -596,14 +593,11 @@ async fn chat_inner(state: &Arc<AppState>, body: Bytes) -> Result<Response, ApiE
     }))
 }
 
-async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    match completions_inner(&state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn completions_inner(state: &Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let state = &state;
     let req: CompletionRequest = parse(&body)?;
     let mut prompts = req.prompt.into_vec();
     if prompts.len() != 1 || prompts[0].is_empty() {

@@ -226,16 +226,7 @@ pub fn pyramid_refused() -> ApiError {
 fn render(model: &Model, prompt: &Prompt) -> String {
     match prompt {
         Prompt::Text(t) => t.clone(),
-        Prompt::Chat(messages) => model
-            .apply_chat_template(messages, true)
-            .unwrap_or_else(|_| {
-                let mut text: String = messages
-                    .iter()
-                    .map(|m| format!("{}: {}\n", m.role, m.content))
-                    .collect();
-                text.push_str("assistant:");
-                text
-            }),
+        Prompt::Chat(messages) => crate::chat::render(model, messages, true),
     }
 }
 
