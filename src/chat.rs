@@ -75,6 +75,10 @@ pub struct ChatStats {
     pub method: &'static str,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
+    /// Bytes of evicted rows held off the device (`None`: recall off).
+    pub recall_bytes: Option<u64>,
+    /// What recall did in the last turn that used it.
+    pub recall_last: Option<crate::compress::RecallTurn>,
 }
 
 /// A conversation on one context.
@@ -218,7 +222,21 @@ impl<'m> ChatSession<'m> {
             method: self.method(),
             prefill_tok_s: self.last_prefill_tok_s,
             decode_tok_s: self.last_decode_tok_s,
+            recall_bytes: self
+                .compressor
+                .as_ref()
+                .and_then(|c| c.recall_store())
+                .map(|s| s.bytes()),
+            recall_last: self.compressor.as_ref().and_then(|c| c.last_recall()),
         })
+    }
+
+    /// A problem the conversation went on despite (recall turned off by a
+    /// broken recall file), once.
+    pub fn take_warning(&mut self) -> Option<String> {
+        self.compressor
+            .as_mut()
+            .and_then(|c| c.take_recall_warning())
     }
 
     /// The conversation rendered for the model, with the assistant's opening when `open`.

@@ -252,6 +252,7 @@ pub fn run_prompt(
             MethodSpec {
                 method: m,
                 scorer: None,
+                recall: false,
             }
             .scorer_or(cfg.scorer)
                 == Scorer::Reconstruct
@@ -388,6 +389,7 @@ pub fn run_prompt(
                 method: MethodSpec {
                     method: spec.method,
                     scorer: None,
+                    recall: false,
                 }
                 .label(cfg.scorer),
                 budget,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
-use super::{ChunkArgs, CompressArgs, ContextArgs, ModelArgs, SamplingArgs};
+use super::{ChunkArgs, CompressArgs, ContextArgs, ModelArgs, RecallArgs, SamplingArgs};
 use crate::chat::{ChatSession, ChatStats, FeedProgress};
 use crate::compress::{Budget, ChunkScore, Chunking, Method, Scorer, TurnState};
 use crate::llama::{Context, Sampler};
@@ -43,6 +43,8 @@ pub struct ChatArgs {
     pub budget: Option<Budget>,
     #[command(flatten)]
     pub chunk: ChunkArgs,
+    #[command(flatten)]
+    pub recall: RecallArgs,
 }
 
 const HELP: &str = "\
@@ -51,7 +53,7 @@ const HELP: &str = "\
 /clear           forget the conversation
 /system TEXT     set the system prompt and start over
 /load FILE       read a document into the conversation
-/stats           cache cells and bytes live vs the full cache
+/stats           cache cells and bytes live vs the full cache (and recall)
 /budget B        budget for later turns (0.25, 25%, or a token count)
 /method M        chunkkv, snapkv, pyramidkv, h2o, streaming, random, kvzip or none
 Ctrl-C stops a reply.";
@@ -122,6 +124,13 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
             }
             Err(e) => return Err(e.into()),
         };
+    let compressor = match (compressor, args.recall.store(&ctx, crate::pipeline::SEQ)?) {
+        (c, None) => c,
+        (Some(c), Some(store)) if method == Method::Chunkkv => Some(c.with_recall(store)?),
+        _ => {
+            anyhow::bail!("--kv-recall brings back ChunkKV's chunks: it needs --kv-method chunkkv")
+        }
+    };
     let n_ctx = ctx.n_ctx();
     let mut session = ChatSession::new(
         ctx,
@@ -211,9 +220,28 @@ fn stats_text(s: &ChatStats) -> String {
     let budget = s
         .budget
         .map_or("no budget".to_string(), |b| format!("budget {b}"));
+    let recall = match (s.recall_bytes, s.recall_last) {
+        (None, _) => String::new(),
+        (Some(held), None) => format!(
+            "\nrecall: {:.2} MiB of evicted rows held; nothing recalled yet",
+            mib(held)
+        ),
+        (Some(held), Some(r)) => format!(
+            "\nrecall: {:.2} MiB of evicted rows held; last turn {} chunks ({} tokens per layer) \
+             came back of {} uploaded, {:.2} MiB up and {:.2} MiB down in {:.1} ms, peak {} cells",
+            mib(held),
+            r.chunks,
+            r.tokens,
+            r.uploaded,
+            mib(r.bytes_up),
+            mib(r.bytes_down),
+            r.ms,
+            r.transient_cells
+        ),
+    };
     format!(
         "cache: {} cells live, {:.2} MiB live of {:.2} MiB allocated; the full cache would hold {} cells, {:.2} MiB\n\
-         method {}, {budget}; {} compressions; last turn {:.0} tok/s prefill, {:.1} tok/s decode",
+         method {}, {budget}; {} compressions; last turn {:.0} tok/s prefill, {:.1} tok/s decode{recall}",
         s.kv.cells_used,
         mib(s.kv.bytes_live),
         mib(s.kv.bytes_allocated),
@@ -313,6 +341,9 @@ fn turn(
         let _ = stdout.flush();
     })?;
     writeln!(stdout)?;
+    if let Some(w) = session.take_warning() {
+        eprintln!("warning: {w}");
+    }
     if interactive {
         let s = session.stats()?;
         let why = match reply.stop {

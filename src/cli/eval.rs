@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 
-use super::{ChunkArgs, ContextArgs, ModelArgs};
+use super::{ChunkArgs, ContextArgs, ModelArgs, RecallArgs};
 use crate::compress::{Budget, MethodSpec, Scorer};
 use crate::eval::{self, report, tasks, EvalConfig, SampleResult};
 
@@ -75,6 +75,10 @@ pub struct EvalArgs {
     /// Print {"results": [{"task", "method", "budget", "score", "n"}, ...]} on stdout.
     #[arg(long)]
     pub json: bool,
+    /// `--kv-recall host|disk` gives every chunkkv method recall (each question
+    /// brings back what it needs); `chunkkv+recall` in --methods does it for one.
+    #[command(flatten)]
+    pub recall: RecallArgs,
     #[command(flatten)]
     pub context: ContextArgs,
     #[command(flatten)]
@@ -149,8 +153,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             "-c {c} is too small: the longest sample and its answer need {need} (lower --length or raise -c)"
         ),
     };
+    let recall_all = args.recall.mode != crate::compress::RecallMode::Off;
+    let methods = args
+        .methods
+        .iter()
+        .map(|&m| MethodSpec {
+            recall: m.recall || (recall_all && m.method == crate::compress::Method::Chunkkv),
+            ..m
+        })
+        .collect();
     let cfg = EvalConfig {
-        methods: args.methods.clone(),
+        methods,
+        recall_dir: args.recall.dir(),
         budgets: args.budgets.clone(),
         chunk,
         reuse: args.chunk.reuse_layers,

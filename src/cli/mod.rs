@@ -14,8 +14,8 @@ mod verify;
 use clap::{Args, Parser, Subcommand};
 
 use crate::compress::{
-    Budget, ChunkKv, ChunkScore, Chunking, CompressError, Compressor, Method, Reconstruction,
-    Scorer, TurnState,
+    Budget, ChunkKv, ChunkScore, Chunking, CompressError, Compressor, Method, RecallError,
+    RecallMode, RecallStore, Reconstruction, Scorer, TurnState,
 };
 use crate::llama::{
     Backend, CacheType, Context, ContextParams, FlashAttn, Model, ModelParams, SamplingParams,
@@ -328,6 +328,38 @@ impl ChunkArgs {
         };
         shape.check()?;
         Ok(shape)
+    }
+}
+
+/// Where evicted chunks go, so later turns can bring them back.
+#[derive(Debug, Clone, Args)]
+pub struct RecallArgs {
+    /// Keep evicted chunks off the device so a later turn (a question about
+    /// a compressed document) can bring the ones it needs back: off, host
+    /// (RAM), disk (a file under --kv-recall-dir). ChunkKV only.
+    #[arg(long = "kv-recall", value_enum, default_value_t = RecallMode::Off)]
+    pub mode: RecallMode,
+    /// Directory of the recall file of `--kv-recall disk` [default: the system temp dir].
+    #[arg(long = "kv-recall-dir", value_name = "DIR")]
+    pub dir: Option<std::path::PathBuf>,
+}
+
+impl RecallArgs {
+    /// The file directory of disk mode (`None`: host memory).
+    pub fn dir(&self) -> Option<std::path::PathBuf> {
+        (self.mode == RecallMode::Disk).then(|| self.dir.clone().unwrap_or_else(std::env::temp_dir))
+    }
+
+    /// A store for `seq` of `ctx`, or `None` when recall is off.
+    pub fn store(
+        &self,
+        ctx: &Context<'_>,
+        seq: crate::llama::SeqId,
+    ) -> Result<Option<RecallStore>, RecallError> {
+        if self.mode == RecallMode::Off {
+            return Ok(None);
+        }
+        RecallStore::new(ctx, seq, self.dir().as_deref()).map(Some)
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::policy::{HeadCandidates, LayerCandidates, Policy};
+use super::recall::{Evicted, RecallError, RecallStore, RecallTurn, StoreMark};
 use super::reconstruct::Reconstruction;
 use super::reuse::ReuseGroups;
 use super::sentences::SentenceEnds;
@@ -34,6 +35,8 @@ pub enum CompressError {
     Compact(#[from] CompactError),
     #[error("llama.cpp computed no attention importance for layer {0}")]
     NoImportance(u32),
+    #[error(transparent)]
+    Recall(#[from] RecallError),
 }
 
 /// Milliseconds spent in each stage of one compression.
@@ -110,6 +113,31 @@ pub struct Compressor {
     sentences: SentenceEnds,
     /// The sequence whose cache this compressor manages.
     seq: SeqId,
+    /// Evicted rows kept off the device (`--kv-recall`).
+    recall: Option<RecallStore>,
+    /// The recall of the turn in progress (rows uploaded for its scoring).
+    recalling: Option<Recalling>,
+    /// What recall did in the last turn that used it.
+    last_recall: Option<RecallTurn>,
+    /// Why recall stopped (a broken recall file): reported once, the
+    /// conversation goes on without it.
+    recall_warning: Option<String>,
+}
+
+/// Rows uploaded for one turn's scoring, until its compaction.
+#[derive(Debug)]
+struct Recalling {
+    /// Positions written back, per storage layer (every head holds the same).
+    positions: Vec<Vec<Pos>>,
+    stats: RecallTurn,
+}
+
+/// A compressor's state to come back to: its slot table and recall store
+/// (eval asks every question from the same compressed cache).
+#[derive(Debug, Clone)]
+pub struct CompressorMark {
+    slots: SlotTable,
+    store: Option<StoreMark>,
 }
 
 impl std::fmt::Debug for Compressor {
@@ -250,7 +278,252 @@ impl Compressor {
             document_policy: None,
             sentences: SentenceEnds::default(),
             seq: crate::pipeline::SEQ,
+            recall: None,
+            recalling: None,
+            last_recall: None,
+            recall_warning: None,
         })
+    }
+
+    /// Keeps evicted rows in `store` so later turns can bring them back
+    /// ([`Compressor::prefill_turn`], [`Compressor::recall_window`]). Only
+    /// policies that keep one set per layer with the same count everywhere
+    /// (ChunkKV) can recall.
+    pub fn with_recall(mut self, store: RecallStore) -> Result<Self, CompressError> {
+        if !self.can_recall() {
+            return Err(CompressError::Unsupported(format!(
+                "--kv-recall needs a policy that keeps whole chunks for all heads of a layer \
+                 (chunkkv), not {}",
+                self.policy.name()
+            )));
+        }
+        self.recall = Some(store);
+        Ok(self)
+    }
+
+    fn can_recall(&self) -> bool {
+        self.policy.uniform_counts()
+            && !self.policy.per_head()
+            && self.policy.score_rows().is_some()
+    }
+
+    /// Whether recall is on (and the current policy can use it).
+    pub fn recall_on(&self) -> bool {
+        self.recall.is_some() && self.can_recall()
+    }
+
+    /// The store of evicted rows, when recall is on.
+    pub fn recall_store(&self) -> Option<&RecallStore> {
+        self.recall.as_ref()
+    }
+
+    /// What recall did in the last turn that used it.
+    pub fn last_recall(&self) -> Option<RecallTurn> {
+        self.last_recall
+    }
+
+    /// Why recall was turned off, once.
+    pub fn take_recall_warning(&mut self) -> Option<String> {
+        self.recall_warning.take()
+    }
+
+    /// Turns recall off after a store failure: the turn goes on without it.
+    fn drop_recall(&mut self, e: &RecallError) {
+        tracing::warn!("recall is off from now on: {e}");
+        self.recall_warning = Some(format!("recall is off from now on: {e}"));
+        self.recall = None;
+        self.recalling = None;
+    }
+
+    /// The slot table and store as they are now.
+    pub fn mark(&self) -> CompressorMark {
+        CompressorMark {
+            slots: self.slots.clone(),
+            store: self.recall.as_ref().map(RecallStore::mark),
+        }
+    }
+
+    /// Back to `mark` (the cache must be restored to the same point).
+    pub fn rollback(&mut self, mark: &CompressorMark) -> Result<(), CompressError> {
+        self.slots = mark.slots.clone();
+        self.recalling = None;
+        if let (Some(store), Some(m)) = (self.recall.as_mut(), mark.store.as_ref()) {
+            store.rollback(m)?;
+        }
+        Ok(())
+    }
+
+    /// Writes evicted rows back into free cells after everything `seq`
+    /// holds, leaving `incoming` cells for the turn's tokens: all of them
+    /// when they fit, else the best by their score at eviction. They take
+    /// part in the turn's attention like any cell and compete with the kept
+    /// ones in its compression. Returns whether anything was uploaded.
+    fn recall_upload(
+        &mut self,
+        ctx: &mut Context<'_>,
+        incoming: usize,
+    ) -> Result<bool, CompressError> {
+        self.recalling = None;
+        if !self.recall_on() || self.slots.n_slots() == 0 || !ctx.dead_slots().is_empty() {
+            return Ok(false);
+        }
+        let t = Instant::now();
+        let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
+        let end = meta.iter().rposition(Option::is_some).map_or(0, |c| c + 1);
+        let room = meta.len().saturating_sub(end + incoming + 1);
+        let Some(store) = self.recall.as_ref() else {
+            return Ok(false);
+        };
+        let n_layers = self.layers.len();
+        // Per layer: held positions not in the cache now, with their scores.
+        let mut avail: Vec<Vec<(Pos, f32)>> = Vec::with_capacity(n_layers);
+        for l in 0..n_layers {
+            let on_device: std::collections::HashSet<Pos> = (0..end)
+                .filter_map(|c| self.slots.position(l, 0, c, &meta))
+                .collect();
+            avail.push(
+                store
+                    .entries(l, 0)
+                    .filter(|(p, _)| !on_device.contains(p))
+                    .collect(),
+            );
+        }
+        let n = avail.iter().map(Vec::len).min().unwrap_or(0).min(room);
+        if n == 0 {
+            return Ok(false);
+        }
+        let picks: Vec<Vec<Pos>> = avail
+            .into_iter()
+            .map(|mut a| {
+                if a.len() > n {
+                    a.sort_unstable_by(|x, y| y.1.total_cmp(&x.1));
+                    a.truncate(n);
+                }
+                let mut p: Vec<Pos> = a.into_iter().map(|(p, _)| p).collect();
+                p.sort_unstable();
+                p
+            })
+            .collect();
+        // Every head of a layer holds what head 0 holds (ChunkKV).
+        for (l, p) in picks.iter().enumerate() {
+            for h in 1..self.heads[l] {
+                if let Some(&q) = p.iter().find(|&&q| !store.contains(l, h, q)) {
+                    let e = RecallError::Unsupported(format!(
+                        "KV head {h} of storage layer {l} does not hold position {q}"
+                    ));
+                    self.drop_recall(&e);
+                    return Ok(false);
+                }
+            }
+        }
+        let per_head: Vec<Vec<Vec<Pos>>> = picks
+            .iter()
+            .enumerate()
+            .map(|(l, p)| vec![p.clone(); self.heads[l]])
+            .collect();
+        let uploaded = match self.recall.as_mut() {
+            Some(store) => store.upload(ctx, self.seq, end, &per_head),
+            None => return Ok(false),
+        };
+        let bytes_up = match uploaded {
+            Ok(b) => b,
+            Err(e) => {
+                self.drop_recall(&e);
+                return Ok(false);
+            }
+        };
+        // One position per cell for llama.cpp's mask: any held one is older
+        // than the turn; the slot table keeps each layer's own.
+        if let Err(e) = ctx.kv_claim(KvPart::Base, self.seq, end as u32, &picks[0]) {
+            self.drop_recall(&RecallError::Rows(e));
+            return Ok(false);
+        }
+        let mut table: Vec<Vec<Vec<Pos>>> = Vec::with_capacity(n_layers);
+        for (l, p) in picks.iter().enumerate() {
+            let mut heads = Vec::with_capacity(self.heads[l]);
+            for h in 0..self.heads[l] {
+                let mut row: Vec<Pos> = (0..end)
+                    .map(|c| self.slots.position(l, h, c, &meta).unwrap_or(DEAD))
+                    .collect();
+                row.extend_from_slice(p);
+                heads.push(row);
+            }
+            table.push(heads);
+        }
+        self.slots.replace(table);
+        self.recalling = Some(Recalling {
+            positions: picks,
+            stats: RecallTurn {
+                uploaded: n,
+                bytes_up,
+                ms: t.elapsed().as_secs_f64() * 1e3,
+                ..RecallTurn::default()
+            },
+        });
+        Ok(true)
+    }
+
+    /// Closes the turn's recall after its compaction: what came back.
+    fn recall_finish(&mut self, transient_cells: u32, bytes_down: u64, capture_ms: f64) {
+        let Some(r) = self.recalling.take() else {
+            return;
+        };
+        let chunk = self.policy.chunk_size().max(1) as Pos;
+        let (mut tokens, mut chunks) = (0usize, 0usize);
+        for (l, up) in r.positions.iter().enumerate() {
+            let kept: std::collections::HashSet<Pos> =
+                self.slots.positions(l, 0).iter().copied().collect();
+            let back: Vec<Pos> = up.iter().copied().filter(|p| kept.contains(p)).collect();
+            tokens += back.len();
+            let mut ids: Vec<Pos> = back.iter().map(|p| p / chunk).collect();
+            ids.dedup();
+            chunks += ids.len();
+        }
+        let n_layers = r.positions.len().max(1);
+        self.last_recall = Some(RecallTurn {
+            tokens: tokens / n_layers,
+            chunks: chunks / n_layers,
+            bytes_down: r.stats.bytes_down + bytes_down,
+            ms: r.stats.ms + capture_ms,
+            transient_cells,
+            ..r.stats
+        });
+    }
+
+    /// A question (or any short turn) decoded on top of a compressed cache,
+    /// with recall: evicted rows come back for the turn's scoring, the
+    /// window scores them with the rest, and the cache is compacted to
+    /// `n_keep` again (the window kept whole). Without recall (or nothing
+    /// held) the window is simply decoded, as llama.cpp would.
+    pub fn recall_window(
+        &mut self,
+        ctx: &mut Context<'_>,
+        window: &[Token],
+        start: Pos,
+        n_keep: usize,
+        budget: serde_json::Value,
+    ) -> Result<Prefilled, CompressError> {
+        let t_all = Instant::now();
+        if !self.recall_upload(ctx, window.len())? {
+            ctx.decode_tokens(window, start, self.seq, true)?;
+            let full = stats(ctx, self.seq)?;
+            return self.finish(
+                ctx,
+                t_all,
+                false,
+                window.len(),
+                budget,
+                full,
+                StageMs::default(),
+            );
+        }
+        let keep = Keep {
+            from: start,
+            history: false,
+            short: true,
+        };
+        let (ms, full) = self.score_and_compact(ctx, window, start, n_keep, keep, None)?;
+        self.finish(ctx, t_all, true, window.len(), budget, full, ms)
     }
 
     /// Records where sentences end among `tokens` at positions `start..`, for
@@ -335,6 +608,11 @@ impl Compressor {
     pub fn reset(&mut self) {
         self.slots.clear();
         self.sentences.clear();
+        self.recalling = None;
+        self.last_recall = None;
+        if let Some(Err(e)) = self.recall.as_mut().map(RecallStore::clear) {
+            self.drop_recall(&e);
+        }
     }
 
     /// Prefills `tokens` at positions `start..` (logits for the last one) and
@@ -379,18 +657,24 @@ impl Compressor {
             _ if self.policy.needs_reconstruction() => Scorer::Reconstruct,
             _ => Scorer::Window,
         };
-        self.prefill_inner(
+        // With recall, a turn's own window re-ranks the whole history,
+        // evicted chunks included.
+        let recalled = scorer == Scorer::Window && self.recall_upload(ctx, tokens.len())?;
+        let done = self.prefill_inner(
             ctx,
             tokens,
             start,
             n_keep,
             Keep {
                 short: true,
+                history: keep.history && !recalled,
                 ..keep
             },
             scorer,
             budget,
-        )
+        );
+        self.recalling = None;
+        done
     }
 
     /// A turn whose `head` (at `start`) is already in the cache, as a server
@@ -523,8 +807,10 @@ impl Compressor {
         let w = self.window.min(n);
         let rows = self.policy.score_rows();
         let fresh = total.saturating_sub(self.slots.n_slots());
-        let compress =
-            n_keep < total && (n > self.window || (keep.short && n > 0 && fresh > self.window));
+        // Rows recalled for this turn go back out unless the budget holds them.
+        let compress = n_keep < total
+            && (n > self.window
+                || (keep.short && n > 0 && (fresh > self.window || self.recalling.is_some())));
 
         let mut ms = StageMs::default();
         let full;
@@ -863,6 +1149,23 @@ impl Compressor {
         let sel = self.select(&meta, importance, keep, n_keep)?;
         let select_ms = t_sel.elapsed().as_secs_f64() * 1e3;
 
+        // Recall keeps what this compaction is about to free.
+        let t_capture = Instant::now();
+        let mut bytes_down = 0;
+        if self.recall_on() {
+            let evicted = self.evicted(&meta, &sel, importance);
+            let captured = match self.recall.as_mut() {
+                Some(store) => store.capture(ctx, self.seq, &evicted),
+                None => Ok(0),
+            };
+            match captured {
+                Ok(b) => bytes_down = b,
+                Err(e) => self.drop_recall(&e),
+            }
+        }
+        let capture_ms = t_capture.elapsed().as_secs_f64() * 1e3;
+        let transient = meta.iter().filter(|m| m.is_some()).count() as u32;
+
         let t_compact = Instant::now();
         // Slot metadata (one position per slot, for the causal mask) comes
         // from a layer that fills every slot.
@@ -882,7 +1185,61 @@ impl Compressor {
             .collect();
         ctx.set_dead_slots(&dead)?;
         self.slots.replace(sel.kept_pos);
+        if self.recall.is_some() {
+            if self.recalling.is_none() {
+                // A compaction without rows brought back (a document's): still report its capture.
+                self.recalling = Some(Recalling {
+                    positions: Vec::new(),
+                    stats: RecallTurn::default(),
+                });
+            }
+            self.recall_finish(transient, bytes_down, capture_ms);
+        }
         Ok((select_ms, t_compact.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// Per storage layer and KV head: the (cell, position, score) of every
+    /// token the selection drops that the store does not hold yet.
+    fn evicted(
+        &self,
+        meta: &[Option<Pos>],
+        sel: &Selection,
+        importance: &[LayerImportance],
+    ) -> Vec<Vec<Vec<Evicted>>> {
+        let Some(store) = self.recall.as_ref() else {
+            return Vec::new();
+        };
+        let mut group_of = vec![0; self.layers.len()];
+        for (g, group) in self.groups.groups().iter().enumerate() {
+            for &l in group {
+                group_of[l] = g;
+            }
+        }
+        (0..self.layers.len())
+            .map(|l| {
+                (0..self.heads[l])
+                    .map(|h| {
+                        let kept: std::collections::HashSet<Pos> =
+                            sel.kept_pos[l][h].iter().copied().collect();
+                        let score = |c: usize| {
+                            importance
+                                .get(group_of[l])
+                                .and_then(|imp| imp.per_head.get(h))
+                                .and_then(|s| s.get(c))
+                                .copied()
+                                .unwrap_or(0.0)
+                        };
+                        (0..meta.len())
+                            .filter_map(|c| {
+                                let p = self.slots.position(l, h, c, meta)?;
+                                (!kept.contains(&p) && !store.contains(l, h, p))
+                                    .then(|| (c, p, score(c)))
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     fn leader_flags(&self, ctx: &Context<'_>) -> Vec<bool> {
@@ -1017,6 +1374,9 @@ impl Compressor {
     ) -> LayerCandidates {
         let chunk_size = self.policy.chunk_size().max(1);
         let sentences = self.policy.chunking() == Chunking::Sentences;
+        // With recall, kept and recalled rows interleave by position: chunks
+        // follow positions everywhere, as they did when first selected.
+        let by_position = self.recall_on();
         let mut heads: Vec<HeadCandidates> = Vec::with_capacity(self.heads[leader]);
         for h in 0..self.heads[leader] {
             // Heads holding the same positions (always, for ChunkKV) share one ordering.
@@ -1049,9 +1409,9 @@ impl Compressor {
                 let mut run = 0;
                 let mut id = 0u32;
                 for &(p, c) in &items {
-                    let compacted = self.slots.is_compacted(c);
+                    let compacted = self.slots.is_compacted(c) && !by_position;
                     let new_chunk = last.is_some_and(|(lp, lc)| {
-                        if compacted != self.slots.is_compacted(lc) {
+                        if compacted != (self.slots.is_compacted(lc) && !by_position) {
                             return true;
                         }
                         // Slots of an earlier compaction: by slot index.

@@ -6,6 +6,7 @@ pub mod budget;
 pub mod chunkkv;
 pub mod compressor;
 pub mod policy;
+pub mod recall;
 pub mod reconstruct;
 pub mod reuse;
 pub mod sentences;
@@ -15,8 +16,11 @@ pub mod verify;
 
 pub use budget::Budget;
 pub use chunkkv::{ChunkKv, ChunkScore, Chunking};
-pub use compressor::{CompressError, CompressionReport, Compressor, Keep, Prefilled, StageMs};
+pub use compressor::{
+    CompressError, CompressionReport, Compressor, CompressorMark, Keep, Prefilled, StageMs,
+};
 pub use policy::{HeadCandidates, LayerCandidates, Policy};
+pub use recall::{RecallError, RecallMode, RecallStore, RecallTurn};
 pub use reconstruct::{Reconstruction, TurnState};
 
 /// `--kv-score`: where importance comes from.
@@ -107,6 +111,9 @@ pub struct MethodSpec {
     pub method: Method,
     /// `None`: the run's default (`--kv-score`).
     pub scorer: Option<Scorer>,
+    /// `+recall`: evicted rows are kept and each later turn (each question
+    /// in eval) may bring them back.
+    pub recall: bool,
 }
 
 impl MethodSpec {
@@ -123,9 +130,14 @@ impl MethodSpec {
     /// that defaults to its window reconstructs instead.
     pub fn label(self, default: Scorer) -> String {
         let scored = self.method.scores() && self.method != Method::Kvzip;
-        match self.scorer_or(default) {
+        let base = match self.scorer_or(default) {
             Scorer::Reconstruct if scored => format!("{}:reconstruct", self.method.name()),
             _ => self.method.name().to_string(),
+        };
+        if self.recall {
+            base + "+recall"
+        } else {
+            base
         }
     }
 }
@@ -135,6 +147,10 @@ impl std::str::FromStr for MethodSpec {
 
     fn from_str(s: &str) -> Result<Self, String> {
         use clap::ValueEnum;
+        let (s, recall) = match s.trim().strip_suffix("+recall") {
+            Some(rest) => (rest, true),
+            None => (s, false),
+        };
         let (name, scorer) = match s.split_once(':') {
             Some((n, sc)) => (n, Some(sc)),
             None => (s, None),
@@ -155,7 +171,17 @@ impl std::str::FromStr for MethodSpec {
                 "kvzip is defined on reconstruction scores: `kvzip:window` is not a method".into(),
             );
         }
-        Ok(MethodSpec { method, scorer })
+        if recall && method != Method::Chunkkv {
+            return Err(format!(
+                "`+recall` brings back whole chunks: it needs chunkkv, not {}",
+                method.name()
+            ));
+        }
+        Ok(MethodSpec {
+            method,
+            scorer,
+            recall,
+        })
     }
 }
 

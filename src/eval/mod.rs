@@ -18,8 +18,8 @@ pub mod tasks;
 use crate::bench::ctx_size;
 use crate::compare::{kl_divergence, log_softmax};
 use crate::compress::{
-    Budget, ChunkKv, CompressError, Compressor, Method, MethodSpec, Reconstruction, Scorer,
-    TurnState,
+    Budget, ChunkKv, CompressError, Compressor, Method, MethodSpec, RecallStore, RecallTurn,
+    Reconstruction, Scorer, TurnState,
 };
 use crate::llama::{
     Batch, ChatMessage, Context, ContextError, ContextParams, DecodeError, KvPart, Model, Sampler,
@@ -71,6 +71,8 @@ pub struct EvalConfig {
     pub scorer: Scorer,
     /// Compress the context before the question is appended (`--query-agnostic`).
     pub query_agnostic: bool,
+    /// Where `+recall` methods keep evicted rows: a directory, else host memory.
+    pub recall_dir: Option<std::path::PathBuf>,
 }
 
 impl EvalConfig {
@@ -79,6 +81,7 @@ impl EvalConfig {
         let full = MethodSpec {
             method: Method::None,
             scorer: None,
+            recall: false,
         };
         let mut out = vec![(full, None)];
         for &m in self.methods.iter().filter(|m| m.method != Method::None) {
@@ -114,6 +117,9 @@ pub struct SampleResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ppl: Option<f64>,
     pub n_prompt: usize,
+    /// What recall did for this question (`+recall` methods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recall: Option<RecallTurn>,
 }
 
 /// The task label of results: query-agnostic runs are a task of their own,
@@ -347,12 +353,19 @@ fn run_prompt(
     for (spec, budget) in configs {
         ctx.memory_clear(true);
         ctx.restore_seq(SEQ, &head_state)?;
+        // The compressor of a `+recall` method, kept for its questions.
+        let mut recaller: Option<(Compressor, usize)> = None;
         match budget {
             None => ctx.decode_tokens(window, (n - w) as i32, SEQ, true)?,
             Some(b) => {
                 let m = spec.method;
                 let reuse = if m == Method::Chunkkv { cfg.reuse } else { 1 };
                 let mut c = Compressor::new(ctx, m.policy(&cfg.chunk, cfg.seed)?, w, reuse)?;
+                if spec.recall {
+                    let store = RecallStore::new(ctx, SEQ, cfg.recall_dir.as_deref())
+                        .map_err(CompressError::from)?;
+                    c = c.with_recall(store)?;
+                }
                 c.observe(ctx.model(), head, 0);
                 let n_keep = b.cells_for(n).max(1);
                 let at = (n - w) as i32;
@@ -363,12 +376,16 @@ fn run_prompt(
                 } else {
                     c.compress_window(ctx, window, at, n_keep, b.json())?;
                 }
+                if spec.recall {
+                    recaller = Some((c, n_keep));
+                }
             }
         }
         let base = SampleResult {
             task: task_label(&sample.task, !asks.is_empty()),
             id: sample.id.clone(),
             method: spec.label(cfg.scorer),
+            recall: None,
             budget: budget.map_or(serde_json::json!(1.0), Budget::json),
             score: 0.0,
             output: String::new(),
@@ -416,14 +433,24 @@ fn run_prompt(
                 ..base
             });
         } else {
-            // Every question from the same compressed state.
+            // Every question from the same compressed state (and recall store).
             let state = ctx.save_seq(SEQ)?;
+            let mark = recaller.as_ref().map(|(c, _)| c.mark());
             for (j, (ask, q)) in asks.iter().zip(&sample.questions).enumerate() {
                 if j > 0 {
                     ctx.memory_clear(true);
                     ctx.restore_seq(SEQ, &state)?;
                 }
-                ctx.decode_tokens(ask, n as i32, SEQ, true)?;
+                let mut recall = None;
+                match (recaller.as_mut(), mark.as_ref()) {
+                    (Some((c, n_keep)), Some(mark)) => {
+                        c.rollback(mark)?;
+                        let json = budget.map_or(serde_json::Value::Null, Budget::json);
+                        c.recall_window(ctx, ask, n as i32, *n_keep, json)?;
+                        recall = c.last_recall();
+                    }
+                    _ => ctx.decode_tokens(ask, n as i32, SEQ, true)?,
+                }
                 let mut greedy = Sampler::new(&SamplingParams::greedy());
                 let at = (n + ask.len()) as i32;
                 let (_, text, _, _) = pipeline::decode(ctx, &mut greedy, at, q.max_answer, |_| {})?;
@@ -436,6 +463,7 @@ fn run_prompt(
                     id,
                     score: score::score(sample.scoring, &text, &q.answers),
                     output: text,
+                    recall,
                     ..base.clone()
                 });
             }

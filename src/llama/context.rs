@@ -7,7 +7,8 @@ use std::str::FromStr;
 use super::batch::Batch;
 use super::error::{ContextError, DecodeError, StateError};
 use super::kv::{
-    CompactError, DeadSlots, KvPart, KvStats, LayerImportance, ScoreReduce, ScoreRows,
+    CompactError, DeadSlots, KvLayerLayout, KvPart, KvStats, LayerImportance, RowsError,
+    ScoreReduce, ScoreRows,
 };
 use super::model::{Model, Token};
 use crate::sys;
@@ -823,6 +824,107 @@ impl<'m> Context<'m> {
         }
     }
 
+    /// Byte layout of storage layer `idx` (in [`Context::kv_layers`] order)
+    /// of `seq`'s stream (patch 0007).
+    pub fn kv_layer_layout(&self, part: KvPart, seq: SeqId, idx: usize) -> Option<KvLayerLayout> {
+        let mut raw = std::mem::MaybeUninit::<sys::llama_kv_layer_layout>::zeroed();
+        // SAFETY: valid context; raw is a writable, zeroed (valid) struct.
+        let rc = unsafe {
+            sys::llama_kv_layer_layout_get(
+                self.ptr.as_ptr(),
+                part.raw(),
+                seq,
+                i32::try_from(idx).ok()?,
+                raw.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        // SAFETY: zero-initialized and then filled by llama.cpp.
+        KvLayerLayout::from_raw(unsafe { &raw.assume_init() })
+    }
+
+    /// Copies bytes `offset..offset + out.len()` of storage layer `idx`'s K
+    /// (`v` false) or V tensor of `seq`'s stream to the host.
+    pub fn kv_read(
+        &self,
+        part: KvPart,
+        seq: SeqId,
+        idx: usize,
+        v: bool,
+        offset: usize,
+        out: &mut [u8],
+    ) -> Result<(), RowsError> {
+        let idx = i32::try_from(idx).map_err(|_| RowsError::NoCache)?;
+        // SAFETY: out is writable for out.len() bytes; llama.cpp checks the range.
+        let rc = unsafe {
+            sys::llama_kv_layer_copy(
+                self.ptr.as_ptr(),
+                part.raw(),
+                seq,
+                idx,
+                v,
+                false,
+                offset,
+                out.as_mut_ptr().cast(),
+                out.len(),
+            )
+        };
+        rows_rc(rc, offset, out.len())
+    }
+
+    /// Writes `data` at byte `offset` of storage layer `idx`'s K (`v` false)
+    /// or V tensor of `seq`'s stream.
+    pub fn kv_write(
+        &mut self,
+        part: KvPart,
+        seq: SeqId,
+        idx: usize,
+        v: bool,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), RowsError> {
+        let idx = i32::try_from(idx).map_err(|_| RowsError::NoCache)?;
+        // SAFETY: data is readable for data.len() bytes; llama.cpp only reads it
+        // (the pointer is not const in the C signature); it checks the range.
+        let rc = unsafe {
+            sys::llama_kv_layer_copy(
+                self.ptr.as_ptr(),
+                part.raw(),
+                seq,
+                idx,
+                v,
+                true,
+                offset,
+                data.as_ptr() as *mut std::ffi::c_void,
+                data.len(),
+            )
+        };
+        rows_rc(rc, offset, data.len())
+    }
+
+    /// Marks the free cells `c0..c0 + pos.len()` of `seq`'s stream as holding
+    /// `seq` at `pos` (rows written there with [`Context::kv_write`]).
+    pub fn kv_claim(
+        &mut self,
+        part: KvPart,
+        seq: SeqId,
+        c0: u32,
+        pos: &[Pos],
+    ) -> Result<(), RowsError> {
+        let n = u32::try_from(pos.len()).map_err(|_| RowsError::NoCache)?;
+        // SAFETY: pos holds n positions.
+        let rc = unsafe {
+            sys::llama_kv_cells_claim(self.ptr.as_ptr(), part.raw(), seq, c0, pos.as_ptr(), n)
+        };
+        match rc {
+            0 => Ok(()),
+            -2 => Err(RowsError::CellsTaken { c0, end: c0 + n }),
+            _ => Err(RowsError::NoCache),
+        }
+    }
+
     /// Masks `dead` slots out of their layers' attention (patch 0004), for a
     /// cache compacted to a different kept count per layer. Replaces the
     /// previous mask; it is cleared by [`Context::memory_clear`],
@@ -858,5 +960,13 @@ impl<'m> Context<'m> {
             unsafe { sys::llama_kv_layer_mask_set(self.ptr.as_ptr(), std::ptr::null(), 0) };
             self.dead.clear();
         }
+    }
+}
+
+fn rows_rc(rc: i32, offset: usize, len: usize) -> Result<(), RowsError> {
+    match rc {
+        0 => Ok(()),
+        // -1: a bad layer or sequence, or a range outside the tensor.
+        _ => Err(RowsError::OutOfRange { offset, len }),
     }
 }

@@ -126,3 +126,70 @@ pub struct DeadSlots {
     pub begin: u32,
     pub end: u32,
 }
+
+/// Byte layout of one storage layer of a sequence's stream (patch 0007):
+/// what recall needs to cut a (cell, KV head) row out of the raw tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayerLayout {
+    /// Model layer.
+    pub layer: u32,
+    pub n_head_kv: usize,
+    pub head_dim_k: usize,
+    pub head_dim_v: usize,
+    /// Cells of the stream.
+    pub n_cells: usize,
+    /// Bytes of one KV head's K row (quantized blocks included).
+    pub k_head_bytes: usize,
+    /// Bytes of one KV head's V row; 0 when the layer stores no V.
+    pub v_head_bytes: usize,
+    /// V stored transposed (flash attention off): element (cell `c`, dim
+    /// `j`) at `j * n_cells + c`; else one row per cell like K.
+    pub v_trans: bool,
+    /// Bytes of the stream's K and V tensors.
+    pub k_bytes: usize,
+    pub v_bytes: usize,
+}
+
+impl KvLayerLayout {
+    pub(crate) fn from_raw(r: &sys::llama_kv_layer_layout) -> Option<Self> {
+        let n_cells = r.n_cells as usize;
+        let n_head_kv = r.n_head_kv as usize;
+        if n_cells == 0 || n_head_kv == 0 {
+            return None;
+        }
+        let k_head_bytes = r.k_bytes / n_cells / n_head_kv;
+        let v_head_bytes = if r.type_v < 0 {
+            0
+        } else {
+            r.v_bytes / n_cells / n_head_kv
+        };
+        Some(KvLayerLayout {
+            layer: r.il as u32,
+            n_head_kv,
+            head_dim_k: r.head_dim_k as usize,
+            head_dim_v: r.head_dim_v as usize,
+            n_cells,
+            k_head_bytes,
+            v_head_bytes,
+            v_trans: r.v_trans,
+            k_bytes: r.k_bytes,
+            v_bytes: r.v_bytes,
+        })
+    }
+
+    /// Bytes of one element of a transposed V.
+    pub fn v_elem_bytes(&self) -> usize {
+        self.v_head_bytes / self.head_dim_v.max(1)
+    }
+}
+
+/// Failure of a raw row copy or cell claim (patch 0007).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RowsError {
+    #[error("the context has no such KV cache, layer or sequence")]
+    NoCache,
+    #[error("byte range {offset}+{len} lies outside the layer's tensor")]
+    OutOfRange { offset: usize, len: usize },
+    #[error("cells {c0}..{end} are not all free (or another sequence shares the stream)")]
+    CellsTaken { c0: u32, end: u32 },
+}

@@ -18,7 +18,10 @@ pub use detok::StreamDecoder;
 pub use error::{
     ChatTemplateError, ContextError, DecodeError, LoadError, RpcError, StateError, TokenizeError,
 };
-pub use kv::{CompactError, DeadSlots, KvPart, KvStats, LayerImportance, ScoreReduce, ScoreRows};
+pub use kv::{
+    CompactError, DeadSlots, KvLayerLayout, KvPart, KvStats, LayerImportance, RowsError,
+    ScoreReduce, ScoreRows,
+};
 pub use model::{apply_template, ChatMessage, Model, ModelInfo, ModelParams, SplitMode, Token};
 pub use sampler::{Sampler, SamplingParams};
 pub use state::{DumpError, KvDump};

@@ -1,0 +1,279 @@
+//! Recall (`--kv-recall`): evicted chunks kept off the device come back when
+//! a later turn needs them, the budget holds, and a broken recall file turns
+//! recall off without ending the conversation. Real Qwen2.5-0.5B on the CPU.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::OnceLock;
+
+use chunkkv::chat::ChatSession;
+use chunkkv::compress::{Budget, ChunkKv, Compressor, RecallStore};
+use chunkkv::llama::{
+    Backend, Context, ContextParams, FlashAttn, KvPart, Model, ModelParams, Sampler,
+    SamplingParams, Token,
+};
+use chunkkv::pipeline::{self, SEQ};
+use common::{essays, model_path};
+
+fn qwen() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        Model::load(
+            Backend::init(),
+            &model_path("qwen2.5-0.5b"),
+            &ModelParams::default().with_n_gpu_layers(0),
+        )
+        .expect("load qwen")
+    })
+}
+
+fn ctx(model: &Model, n_ctx: u32, fa: FlashAttn) -> Context<'_> {
+    let p = ContextParams::default()
+        .with_n_ctx(n_ctx)
+        .with_n_threads(2)
+        .with_flash_attn(fa);
+    Context::new(model, &p).expect("context")
+}
+
+fn chunkkv(ctx: &Context<'_>) -> Compressor {
+    let shape = ChunkKv::default();
+    let window = shape.window;
+    Compressor::new(ctx, Box::new(shape), window, 2).expect("compressor")
+}
+
+fn tok(model: &Model, text: &str, bos: bool) -> Vec<Token> {
+    model.tokenize(text, bos, true).expect("tokenize")
+}
+
+const FACT: &str = " The secret code of the blue lighthouse is 7319. ";
+const QUESTION: &str = "<|im_end|>\n<|im_start|>user\nWhat is the secret code of the blue lighthouse? Answer with the code.<|im_end|>\n<|im_start|>assistant\n";
+
+/// A document of about 1,300 tokens with the fact in its middle, as tokens,
+/// and the positions the fact's tokens take.
+fn document(model: &Model) -> (Vec<Token>, std::ops::Range<usize>) {
+    let hay = essays(7000);
+    let cut = hay[..hay.len() / 2].rfind(' ').unwrap();
+    let mut tokens = tok(
+        model,
+        &format!("<|im_start|>user\nRead this text.\n{}", &hay[..cut]),
+        true,
+    );
+    let start = tokens.len();
+    tokens.extend(tok(model, FACT, false));
+    let fact = start..tokens.len();
+    tokens.extend(tok(model, &hay[cut..], false));
+    (tokens, fact)
+}
+
+/// Greedy answer of up to `n` tokens after the cache's last token at `at`.
+fn answer(ctx: &mut Context<'_>, at: usize, n: usize) -> String {
+    let mut greedy = Sampler::new(&SamplingParams::greedy());
+    let (_, text, _, _) = pipeline::decode(ctx, &mut greedy, at as i32, n, |_| {}).unwrap();
+    text
+}
+
+fn run_recall_case(fa: FlashAttn) {
+    let model = qwen();
+    let mut ctx = ctx(model, 4096, fa);
+    let (doc, fact) = document(model);
+    let n = doc.len();
+    let store = RecallStore::new(&ctx, SEQ, None).unwrap();
+    let mut c = chunkkv(&ctx).with_recall(store).unwrap();
+    // The document is compressed before its question exists (its own end scores it).
+    let n_keep = Budget::Ratio(0.1).cells_for(n);
+    let done = c
+        .prefill(&mut ctx, &doc, 0, n_keep, serde_json::json!(0.1))
+        .unwrap();
+    assert!(done.compressed);
+    let held = c.recall_store().unwrap().bytes();
+    assert!(held > 0, "the evicted rows are kept");
+    // The fact was evicted: most layers keep none of its tokens, or only some.
+    let n_layers = ctx.kv_layers(KvPart::Base).len();
+    let fact_in = |c: &Compressor, l: usize| {
+        let kept = c.slot_table().positions(l, 0);
+        fact.clone().filter(|&p| kept.contains(&(p as i32))).count()
+    };
+    let before: Vec<usize> = (0..n_layers).map(|l| fact_in(&c, l)).collect();
+    assert!(
+        before.iter().sum::<usize>() < n_layers * fact.len(),
+        "the fact must be (partly) evicted at load time to test recall: {before:?}"
+    );
+
+    let ask = tok(model, QUESTION, false);
+    let turn = c
+        .recall_window(&mut ctx, &ask, n as i32, n_keep, serde_json::json!(0.1))
+        .unwrap();
+    let r = c.last_recall().expect("recall ran");
+    assert!(r.uploaded > 0 && r.tokens > 0 && r.chunks > 0, "{r:?}");
+    assert!(r.bytes_up > 0 && r.transient_cells as usize >= n_keep + r.uploaded);
+    // The fact came back in layers where it was evicted, and the device holds the budget.
+    let back: Vec<usize> = (0..n_layers).map(|l| fact_in(&c, l)).collect();
+    eprintln!("fact tokens kept per layer: {before:?} before, {back:?} after the question");
+    let used = ctx.seq_kv_stats(KvPart::Base, SEQ).unwrap().cells_used as usize;
+    assert!(
+        used <= n_keep,
+        "{used} cells after the turn, budget {n_keep}"
+    );
+    assert_eq!(turn.report.cells_after as usize, used);
+    let text = answer(&mut ctx, n + ask.len(), 12);
+    eprintln!("answer {text:?}");
+    assert!(
+        back.iter().sum::<usize>() > before.iter().sum::<usize>(),
+        "the fact came back"
+    );
+    assert!(
+        text.contains("7319"),
+        "the recalled fact answers the question: {text:?}"
+    );
+}
+
+#[test]
+fn a_fact_evicted_at_load_time_comes_back_when_its_question_needs_it() {
+    run_recall_case(FlashAttn::On);
+}
+
+#[test]
+fn recall_works_with_a_transposed_v_cache() {
+    run_recall_case(FlashAttn::Off);
+}
+
+fn session<'m>(ctx: Context<'m>, recall: Option<&std::path::Path>) -> ChatSession<'m> {
+    let store = RecallStore::new(&ctx, SEQ, recall).unwrap();
+    let c = chunkkv(&ctx).with_recall(store).unwrap();
+    ChatSession::new(
+        ctx,
+        Sampler::new(&SamplingParams::greedy()),
+        Some(c),
+        true,
+        Budget::Ratio(0.1),
+        12,
+        None,
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_budget_holds_across_ten_recalling_turns() {
+    let model = qwen();
+    let mut chat = session(ctx(model, 4096, FlashAttn::On), None);
+    chat.add_document(&essays(5000), &mut |_| {}).unwrap();
+    let never = AtomicBool::new(false);
+    let mut recalled_turns = 0;
+    for i in 0..10 {
+        let before = chat.stats().unwrap();
+        let reply = chat
+            .turn(
+                &format!("Question {i}: name one idea from the text."),
+                &never,
+                &mut |_| {},
+                |_| {},
+            )
+            .unwrap();
+        let s = chat.stats().unwrap();
+        // Everything prefilled so far (the reply's tokens excepted) at 10%, or
+        // the turn's window when that is more, plus the reply on top.
+        let prompt_total = before.prefilled + reply.n_prompt;
+        let budget = Budget::Ratio(0.1).cells_for(prompt_total).max(32);
+        assert!(
+            s.kv.cells_used as usize <= budget + reply.n_gen,
+            "turn {i}: {} cells live, budget {budget} + reply {}",
+            s.kv.cells_used,
+            reply.n_gen
+        );
+        if let Some(r) = s.recall_last {
+            if r.uploaded > 0 {
+                recalled_turns += 1;
+                assert!(r.transient_cells as usize > budget, "{r:?}");
+            }
+        }
+        assert!(chat.take_warning().is_none());
+    }
+    assert!(
+        recalled_turns >= 9,
+        "every turn after the document recalls: {recalled_turns}"
+    );
+}
+
+fn recall_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    assert_eq!(files.len(), 1, "one recall file: {files:?}");
+    files[0].clone()
+}
+
+fn broken_file_case(name: &str, break_it: impl FnOnce(&std::path::Path), expect: &str) {
+    let model = qwen();
+    let dir = std::env::temp_dir().join(format!("chunkkv-recall-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut chat = session(ctx(model, 4096, FlashAttn::On), Some(&dir));
+    chat.add_document(&essays(5000), &mut |_| {}).unwrap();
+    let file = recall_file(&dir);
+    assert!(std::fs::metadata(&file).unwrap().len() > 0);
+    assert!(chat.stats().unwrap().recall_bytes.unwrap() > 0);
+    break_it(&file);
+    let never = AtomicBool::new(false);
+    let reply = chat
+        .turn("What is the text about?", &never, &mut |_| {}, |_| {})
+        .expect("the turn goes on without recall");
+    assert!(reply.n_gen > 0);
+    let warning = chat.take_warning().expect("a warning says recall is off");
+    assert!(warning.contains(expect), "{warning}");
+    assert!(
+        chat.stats().unwrap().recall_bytes.is_none(),
+        "recall is off"
+    );
+    // And the next turn is an ordinary compressed turn.
+    chat.turn("Thanks.", &never, &mut |_| {}, |_| {}).unwrap();
+    assert!(chat.take_warning().is_none());
+    drop(chat);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_corrupt_recall_file_turns_recall_off_and_the_chat_goes_on() {
+    broken_file_case(
+        "corrupt",
+        |f| {
+            let mut bytes = std::fs::read(f).unwrap();
+            let mid = bytes.len() / 2;
+            for b in &mut bytes[mid..mid + 4096] {
+                *b ^= 0x5a;
+            }
+            std::fs::write(f, bytes).unwrap();
+        },
+        "corrupt",
+    );
+}
+
+#[test]
+fn a_missing_recall_file_turns_recall_off_and_the_chat_goes_on() {
+    broken_file_case("missing", |f| std::fs::remove_file(f).unwrap(), "removed");
+}
+
+#[test]
+fn recall_needs_chunkkv_and_is_refused_for_other_methods() {
+    let model = qwen();
+    let ctx = ctx(model, 1024, FlashAttn::On);
+    let shape = ChunkKv::default();
+    let snap = chunkkv::compress::Method::Snapkv.policy(&shape, 1).unwrap();
+    let c = Compressor::new(&ctx, snap, 32, 1).unwrap();
+    let store = RecallStore::new(&ctx, SEQ, None).unwrap();
+    let e = c.with_recall(store).unwrap_err().to_string();
+    assert!(e.contains("chunkkv"), "{e}");
+
+    let o = std::process::Command::new(common::bin())
+        .args(["chat", "--kv-method", "snapkv", "--kv-recall", "host", "-m"])
+        .arg(model_path("qwen2.5-0.5b"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--kv-recall") && err.contains("chunkkv"),
+        "{err}"
+    );
+}
