@@ -4,7 +4,9 @@
 # and 10% with four times the slots — each driven by benches/serve_load.py
 # (N concurrent conversations opening with a document; nothing queues, so a
 # conversation without a slot is refused and counted).
-# Usage: benches/serve_load.sh OUT_DIR   (env: CHUNKKV_BIN, MODEL, CTX, DOCS, N, NP_FULL, NP_COMPRESSED, EXTRA)
+# Usage: benches/serve_load.sh OUT_DIR
+#   env: CHUNKKV_BIN, MODEL, CTX, DOCS, N, NP_FULL, NP_COMPRESSED, BUDGETS ("20 10"), EXTRA
+#   (EXTRA goes to every server, e.g. "--kv-recall host -ngl 99")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: benches/serve_load.sh OUT_DIR}"
@@ -17,6 +19,7 @@ n="${N:-8}"
 np_full="${NP_FULL:-2}"
 np_comp="${NP_COMPRESSED:-8}"
 read -r -a extra <<< "${EXTRA:-}"
+read -r -a budgets <<< "${BUDGETS:-20 10}"
 
 run() {
   local slug="$1" label="$2"; shift 2
@@ -39,11 +42,13 @@ run() {
 header="--header"
 : > "$out/table.md"
 run none "none, -np $np_full" --kv-method none -np "$np_full"
-run chunkkv-20 "chunkkv 20%, -np $np_comp" --kv-method chunkkv --kv-budget 20% -np "$np_comp"
-run chunkkv-10 "chunkkv 10%, -np $np_comp" --kv-method chunkkv --kv-budget 10% -np "$np_comp"
+for b in "${budgets[@]}"; do
+  run "chunkkv-$b" "chunkkv $b%, -np $np_comp" --kv-method chunkkv --kv-budget "$b%" -np "$np_comp"
+done
 {
   echo
-  echo "model $model, -c $ctx, $n conversations, documents of $docs tokens, $(date -u +%F)"
-  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs"
+  echo "model $model, -c $ctx, $n conversations, documents of $docs tokens, extra flags: ${EXTRA:-none}, $(date -u +%F)"
+  echo "commit ${CHUNKKV_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs"
+  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name --format=csv,noheader | sed 's/^/GPU: /' | sort | uniq -c
 } >> "$out/table.md"
 cat "$out/table.md"

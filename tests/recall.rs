@@ -277,3 +277,37 @@ fn recall_needs_chunkkv_and_is_refused_for_other_methods() {
         "{err}"
     );
 }
+
+#[test]
+fn a_turn_ranks_more_evicted_rows_than_its_free_cells_hold() {
+    // A document twice the context: prefilled in segments, then asked about
+    // with a few hundred free cells for thousands of held rows.
+    let model = qwen();
+    let mut chat = session(ctx(model, 768, FlashAttn::On), None);
+    let hay = essays(7000);
+    let cut = hay[..hay.len() / 2].rfind(' ').unwrap();
+    let doc = format!("{}{FACT}{}", &hay[..cut], &hay[cut..]);
+    chat.add_document(&doc, &mut |_| {}).unwrap();
+    let held = chat.stats().unwrap().recall_bytes.unwrap();
+    let never = AtomicBool::new(false);
+    let mut text = String::new();
+    let reply = chat
+        .turn(
+            "What is the secret code of the blue lighthouse? Answer with the code.",
+            &never,
+            &mut |_| {},
+            |t| text.push_str(t),
+        )
+        .unwrap();
+    let s = chat.stats().unwrap();
+    let r = s.recall_last.expect("the question recalled");
+    assert!(r.rank_ms > 0.0, "ranking passes ran: {r:?}");
+    // Every held row went up once to be ranked, the chosen ones once more.
+    assert!(r.bytes_up >= held, "{} bytes up, {held} held", r.bytes_up);
+    assert!(r.transient_cells <= 768 && r.tokens > 0, "{r:?}");
+    let budget = Budget::Ratio(0.1)
+        .cells_for(s.prefilled - reply.n_gen)
+        .max(32);
+    assert!(s.kv.cells_used as usize <= budget + reply.n_gen, "{s:?}");
+    assert!(text.contains("7319"), "{text:?}");
+}

@@ -248,7 +248,7 @@ fn tables(
     results: &[SampleResult],
 ) -> anyhow::Result<(Vec<eval::Aggregate>, String)> {
     let aggs = eval::aggregate(results);
-    let md = report::markdown(info, &aggs);
+    let md = report::markdown(info, &aggs) + &report::recall_cost(results);
     std::fs::write(dir.join("results.md"), &md)?;
     std::fs::write(
         dir.join("results.json"),

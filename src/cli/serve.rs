@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use clap::Args;
 
-use super::{ChunkArgs, ContextArgs, ModelArgs};
+use super::{ChunkArgs, ContextArgs, ModelArgs, RecallArgs};
 use crate::compress::{Budget, Method};
 use crate::serve::engine::ScoreChoice;
 use crate::serve::{EngineConfig, ServeConfig};
@@ -43,6 +43,8 @@ pub struct ServeArgs {
     pub budget: Budget,
     #[command(flatten)]
     pub chunk: ChunkArgs,
+    #[command(flatten)]
+    pub recall: RecallArgs,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -81,6 +83,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .chunk
                 .score
                 .map_or(ScoreChoice::Auto, ScoreChoice::Fixed),
+            recall: args.recall.mode,
+            recall_dir: args.recall.dir.clone(),
         },
         queue: args.queue,
         api_key: args.api_key.clone(),

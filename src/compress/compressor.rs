@@ -122,6 +122,10 @@ pub struct Compressor {
     /// Why recall stopped (a broken recall file): reported once, the
     /// conversation goes on without it.
     recall_warning: Option<String>,
+    /// Bytes uploaded by the ranking passes of the turn in progress.
+    rank_bytes: u64,
+    /// Tokens (per layer, summed over turns) recall brought back.
+    recalled_total: u64,
 }
 
 /// Rows uploaded for one turn's scoring, until its compaction.
@@ -282,6 +286,8 @@ impl Compressor {
             recalling: None,
             last_recall: None,
             recall_warning: None,
+            rank_bytes: 0,
+            recalled_total: 0,
         })
     }
 
@@ -320,6 +326,11 @@ impl Compressor {
     /// What recall did in the last turn that used it.
     pub fn last_recall(&self) -> Option<RecallTurn> {
         self.last_recall
+    }
+
+    /// Tokens (per layer) recall brought back over every turn so far.
+    pub fn recalled_total(&self) -> u64 {
+        self.recalled_total
     }
 
     /// Why recall was turned off, once.
@@ -362,6 +373,7 @@ impl Compressor {
         &mut self,
         ctx: &mut Context<'_>,
         incoming: usize,
+        window: &[Token],
     ) -> Result<bool, CompressError> {
         self.recalling = None;
         if !self.recall_on() || self.slots.n_slots() == 0 || !ctx.dead_slots().is_empty() {
@@ -392,18 +404,38 @@ impl Compressor {
         if n == 0 {
             return Ok(false);
         }
+        let t_rank = Instant::now();
+        // More held than the free cells take: the window ranks them first.
+        let ranked = avail.iter().any(|a| a.len() > n) && !window.is_empty();
+        if ranked {
+            let rank = self.recall_rank(ctx, &mut avail, &meta, end, window);
+            if let Err(e) = rank {
+                return match e {
+                    CompressError::Recall(e) => {
+                        self.drop_recall(&e);
+                        Ok(false)
+                    }
+                    e => Err(e),
+                };
+            }
+        }
+        let rank_ms = t_rank.elapsed().as_secs_f64() * 1e3;
+        let chunk = self.policy.chunk_size().max(1) as Pos;
         let picks: Vec<Vec<Pos>> = avail
             .into_iter()
-            .map(|mut a| {
-                if a.len() > n {
-                    a.sort_unstable_by(|x, y| y.1.total_cmp(&x.1));
-                    a.truncate(n);
-                }
-                let mut p: Vec<Pos> = a.into_iter().map(|(p, _)| p).collect();
+            .map(|a| {
+                let mut p: Vec<Pos> = if a.len() > n {
+                    top_chunks(a, n, chunk)
+                } else {
+                    a.into_iter().map(|(p, _)| p).collect()
+                };
                 p.sort_unstable();
                 p
             })
             .collect();
+        let Some(store) = self.recall.as_ref() else {
+            return Ok(false);
+        };
         // Every head of a layer holds what head 0 holds (ChunkKV).
         for (l, p) in picks.iter().enumerate() {
             for h in 1..self.heads[l] {
@@ -455,12 +487,106 @@ impl Compressor {
             positions: picks,
             stats: RecallTurn {
                 uploaded: n,
-                bytes_up,
+                bytes_up: bytes_up + self.rank_bytes,
                 ms: t.elapsed().as_secs_f64() * 1e3,
+                rank_ms,
                 ..RecallTurn::default()
             },
         });
+        self.rank_bytes = 0;
         Ok(true)
+    }
+
+    /// Rescores held rows that the free cells cannot all take: batch by
+    /// batch they are written after the cache, `window` is decoded over them
+    /// with importance on, then both are removed again. Each `avail` entry's
+    /// score becomes the window's attention to it (summed over KV heads;
+    /// every pass shares the kept cells, which anchors the scales).
+    fn recall_rank(
+        &mut self,
+        ctx: &mut Context<'_>,
+        avail: &mut [Vec<(Pos, f32)>],
+        meta: &[Option<Pos>],
+        end: usize,
+        window: &[Token],
+    ) -> Result<(), CompressError> {
+        let w = window.len();
+        let batch = meta.len().saturating_sub(end + w + 1);
+        if batch == 0 || w > ctx.n_ubatch() as usize {
+            return Ok(());
+        }
+        let at = ctx.seq_pos_max(self.seq).map_or(0, |p| p + 1);
+        let table = self.slots.clone();
+        let mut group_of = vec![0; self.layers.len()];
+        for (g, group) in self.groups.groups().iter().enumerate() {
+            for &l in group {
+                group_of[l] = g;
+            }
+        }
+        for a in avail.iter_mut() {
+            a.sort_unstable_by_key(|&(p, _)| p);
+        }
+        let total = avail.iter().map(Vec::len).min().unwrap_or(0);
+        let mut i = 0;
+        while i < total {
+            let b = batch.min(total - i);
+            let part: Vec<Vec<Vec<Pos>>> = avail
+                .iter()
+                .enumerate()
+                .map(|(l, a)| vec![a[i..i + b].iter().map(|&(p, _)| p).collect(); self.heads[l]])
+                .collect();
+            let store = self.recall.as_mut().ok_or_else(|| {
+                RecallError::Unsupported("recall was turned off during ranking".into())
+            })?;
+            self.rank_bytes += store.upload(ctx, self.seq, end, &part)?;
+            ctx.kv_claim(KvPart::Base, self.seq, end as u32, &part[0][0])
+                .map_err(RecallError::Rows)?;
+            let mut t = Vec::with_capacity(part.len());
+            for (l, heads) in part.iter().enumerate() {
+                t.push(
+                    heads
+                        .iter()
+                        .enumerate()
+                        .map(|(h, p)| {
+                            let mut row: Vec<Pos> = (0..end)
+                                .map(|c| table.position(l, h, c, meta).unwrap_or(DEAD))
+                                .collect();
+                            row.extend_from_slice(p);
+                            row
+                        })
+                        .collect(),
+                );
+            }
+            self.slots.replace(t);
+            let leaders = self.leader_flags(ctx);
+            ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), ScoreReduce::Sum);
+            let decoded = ctx.decode_tokens(window, at, self.seq, false);
+            ctx.importance_end();
+            // The window and the batch leave again whatever happened.
+            let removed = ctx.seq_rm(self.seq, at, -1);
+            let freed = ctx.kv_free(KvPart::Base, self.seq, end as u32, b as u32);
+            self.slots = table.clone();
+            decoded?;
+            if !removed {
+                return Err(CompressError::Unsupported(
+                    "the scoring window could not be removed".into(),
+                ));
+            }
+            freed.map_err(RecallError::Rows)?;
+            let scores: Vec<LayerImportance> = self
+                .leader_layers()
+                .into_iter()
+                .map(|il| ctx.importance(il).ok_or(CompressError::NoImportance(il)))
+                .collect::<Result<_, _>>()?;
+            for (l, a) in avail.iter_mut().enumerate() {
+                let imp = &scores[group_of[l]];
+                for (k, entry) in a[i..i + b].iter_mut().enumerate() {
+                    entry.1 = imp.per_head.iter().map(|s| s[end + k]).sum();
+                }
+            }
+            i += b;
+        }
+        Ok(())
     }
 
     /// Closes the turn's recall after its compaction: what came back.
@@ -480,6 +606,7 @@ impl Compressor {
             chunks += ids.len();
         }
         let n_layers = r.positions.len().max(1);
+        self.recalled_total += (tokens / n_layers) as u64;
         self.last_recall = Some(RecallTurn {
             tokens: tokens / n_layers,
             chunks: chunks / n_layers,
@@ -504,7 +631,7 @@ impl Compressor {
         budget: serde_json::Value,
     ) -> Result<Prefilled, CompressError> {
         let t_all = Instant::now();
-        if !self.recall_upload(ctx, window.len())? {
+        if !self.recall_upload(ctx, window.len(), window)? {
             ctx.decode_tokens(window, start, self.seq, true)?;
             let full = stats(ctx, self.seq)?;
             return self.finish(
@@ -659,7 +786,9 @@ impl Compressor {
         };
         // With recall, a turn's own window re-ranks the whole history,
         // evicted chunks included.
-        let recalled = scorer == Scorer::Window && self.recall_upload(ctx, tokens.len())?;
+        let w = self.window.min(tokens.len());
+        let recalled = scorer == Scorer::Window
+            && self.recall_upload(ctx, tokens.len(), &tokens[tokens.len() - w..])?;
         let done = self.prefill_inner(
             ctx,
             tokens,
@@ -1538,4 +1667,18 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(usize, &T) -> R + Sync) -> 
 fn stats(ctx: &Context<'_>, seq: SeqId) -> Result<crate::llama::KvStats, CompressError> {
     ctx.seq_kv_stats(KvPart::Base, seq)
         .ok_or_else(|| CompressError::Unsupported("the context has no attention KV cache".into()))
+}
+
+/// The `n` positions of the best chunks (`chunk` positions each, ranked by
+/// their summed scores), the last chunk cut to fit.
+fn top_chunks(rows: Vec<(Pos, f32)>, n: usize, chunk: Pos) -> Vec<Pos> {
+    let mut chunks: BTreeMap<Pos, (f32, Vec<Pos>)> = BTreeMap::new();
+    for (p, s) in rows {
+        let e = chunks.entry(p / chunk).or_default();
+        e.0 += s;
+        e.1.push(p);
+    }
+    let mut ranked: Vec<(f32, Vec<Pos>)> = chunks.into_values().collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+    ranked.into_iter().flat_map(|(_, p)| p).take(n).collect()
 }

@@ -68,8 +68,12 @@ pub struct RecallTurn {
     pub bytes_up: u64,
     /// Bytes read from the device into the store (newly evicted rows).
     pub bytes_down: u64,
-    /// Milliseconds spent moving rows (both ways), scoring excluded.
+    /// Milliseconds spent moving rows (both ways) and ranking them.
     pub ms: f64,
+    /// Of `ms`: ranking held rows the free cells could not take at once
+    /// (batches written back and scored by the turn's window).
+    #[serde(default)]
+    pub rank_ms: f64,
     /// Cells the sequence held at the turn's peak (before its compaction).
     pub transient_cells: u32,
 }

@@ -148,6 +148,59 @@ pub fn verdict(chunkkv: &Aggregate, other: &Aggregate) -> Verdict {
 /// The head-to-head sections: each ChunkKV variant (`chunkkv`,
 /// `chunkkv:reconstruct`) against every other compressing method, per task
 /// and budget, and the tally.
+/// What recall cost per question (`+recall` methods), by task, method and
+/// prompt length (rounded to 1k tokens); empty when nothing recalled.
+pub fn recall_cost(samples: &[SampleResult]) -> String {
+    type Key = (String, String, usize);
+    let mut groups: Vec<(Key, Vec<&crate::compress::RecallTurn>)> = Vec::new();
+    for s in samples {
+        let Some(r) = s.recall.as_ref() else { continue };
+        let key = (s.task.clone(), s.method.clone(), (s.n_prompt + 512) / 1024);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(r),
+            None => groups.push((key, vec![r])),
+        }
+    }
+    if groups.is_empty() {
+        return String::new();
+    }
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## Recall cost per question\n\nMeans over the questions of each prompt length: \
+         evicted cells written back for scoring, tokens per layer the question's \
+         compression kept of them, MiB moved each way, milliseconds spent moving and \
+         ranking rows (scoring in the question's own decode excluded), and the \
+         sequence's peak cells before it was compacted to the budget again.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| task | method | length | n | uploaded | back | MiB up | MiB down | ms | of which ranking | peak cells |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
+    for ((task, method, k), rs) in &groups {
+        let n = rs.len() as f64;
+        let mean = |f: &dyn Fn(&crate::compress::RecallTurn) -> f64| {
+            rs.iter().map(|r| f(r)).sum::<f64>() / n
+        };
+        let mib = (1u64 << 20) as f64;
+        let _ = writeln!(
+            md,
+            "| {task} | {method} | {k}k | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+            rs.len(),
+            mean(&|r| r.uploaded as f64),
+            mean(&|r| r.tokens as f64),
+            mean(&|r| r.bytes_up as f64 / mib),
+            mean(&|r| r.bytes_down as f64 / mib),
+            mean(&|r| r.ms),
+            mean(&|r| r.rank_ms),
+            mean(&|r| f64::from(r.transient_cells)),
+        );
+    }
+    md.push('\n');
+    md
+}
+
 fn versus(aggs: &[Aggregate]) -> String {
     let mut variants: Vec<&str> = Vec::new();
     for a in aggs {

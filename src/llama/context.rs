@@ -925,6 +925,18 @@ impl<'m> Context<'m> {
         }
     }
 
+    /// Frees the cells `c0..c0 + n` of `seq`'s stream (rows written for
+    /// scoring and not kept).
+    pub fn kv_free(&mut self, part: KvPart, seq: SeqId, c0: u32, n: u32) -> Result<(), RowsError> {
+        // SAFETY: valid context; llama.cpp checks the range.
+        let rc = unsafe { sys::llama_kv_cells_free(self.ptr.as_ptr(), part.raw(), seq, c0, n) };
+        match rc {
+            0 => Ok(()),
+            -2 => Err(RowsError::CellsTaken { c0, end: c0 + n }),
+            _ => Err(RowsError::NoCache),
+        }
+    }
+
     /// Masks `dead` slots out of their layers' attention (patch 0004), for a
     /// cache compacted to a different kept count per layer. Replaces the
     /// previous mask; it is cleared by [`Context::memory_clear`],

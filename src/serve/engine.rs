@@ -18,8 +18,8 @@ use super::api::{ApiError, FinishReason, Usage};
 use super::metrics::Metrics;
 use crate::compress::stream::{self, Cursor};
 use crate::compress::{
-    Budget, ChunkKv, ChunkScore, Chunking, Compressor, Keep, Method, Reconstruction, Scorer,
-    TurnState,
+    Budget, ChunkKv, ChunkScore, Chunking, Compressor, Keep, Method, RecallMode, RecallStore,
+    Reconstruction, Scorer, TurnState,
 };
 use crate::llama::{
     Batch, ChatMessage, Context, ContextParams, KvPart, Model, Pos, Sampler, SamplingParams, SeqId,
@@ -93,6 +93,10 @@ pub struct EngineConfig {
     pub reuse: usize,
     pub seed: u64,
     pub score: ScoreChoice,
+    /// `--kv-recall`: each ChunkKV slot keeps its evicted rows (host memory,
+    /// or a file in `recall_dir`) and every turn may bring chunks back.
+    pub recall: RecallMode,
+    pub recall_dir: Option<std::path::PathBuf>,
 }
 
 /// A slot: one sequence, its compressed history and what it is doing.
@@ -205,6 +209,12 @@ pub fn run(
                 if let Some(kv) = ctx.seq_kv_stats(KvPart::Base, s.seq) {
                     metrics.set_slot(s.seq as usize, kv.cells_used, kv.bytes_live);
                 }
+                let held = s
+                    .compressor
+                    .as_ref()
+                    .and_then(Compressor::recall_store)
+                    .map_or(0, |r| r.bytes());
+                metrics.set_recall_held(s.seq as usize, held);
             }
         }
     }
@@ -308,6 +318,12 @@ fn new_compressor(
         doc.chunking = Chunking::Sentences;
         doc.chunk_score = ChunkScore::Mean;
         c = c.with_document_policy(Box::new(doc));
+        if cfg.recall != RecallMode::Off {
+            let dir = (cfg.recall == RecallMode::Disk)
+                .then(|| cfg.recall_dir.clone().unwrap_or_else(std::env::temp_dir));
+            let store = RecallStore::new(ctx, seq, dir.as_deref()).map_err(|e| e.to_string())?;
+            c = c.with_recall(store).map_err(|e| e.to_string())?;
+        }
     }
     Ok(c)
 }
@@ -525,6 +541,7 @@ fn compress_window(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
                 history: true,
                 short: true,
             };
+            let recalled = c.recalled_total();
             let done = if w.reconstruct {
                 let head = &w.pending[..w.done];
                 c.reconstruct_prefilled(ctx, head, w.start, &tail, n_keep, keep, budget.json())
@@ -539,6 +556,9 @@ fn compress_window(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
                     budget.json(),
                 )
             };
+            metrics
+                .recalled
+                .fetch_add(c.recalled_total() - recalled, Ordering::Relaxed);
             done.map(|done| {
                 if done.compressed {
                     metrics.compressions.fetch_add(1, Ordering::Relaxed);

@@ -12,12 +12,17 @@ pub struct Metrics {
     pub rejected: AtomicU64,
     /// Per slot: (cells used, bytes live) of its KV stream.
     slots: Mutex<Vec<(u32, u64)>>,
+    /// Per slot: bytes of evicted rows held for recall.
+    recall: Mutex<Vec<u64>>,
+    /// Tokens (per layer) that recall brought back into a slot's cache.
+    pub recalled: AtomicU64,
 }
 
 impl Metrics {
     pub fn new(n_slots: usize) -> Metrics {
         Metrics {
             slots: Mutex::new(vec![(0, 0); n_slots]),
+            recall: Mutex::new(vec![0; n_slots]),
             ..Metrics::default()
         }
     }
@@ -26,6 +31,14 @@ impl Metrics {
         if let Ok(mut s) = self.slots.lock() {
             if let Some(e) = s.get_mut(slot) {
                 *e = (cells, bytes);
+            }
+        }
+    }
+
+    pub fn set_recall_held(&self, slot: usize, bytes: u64) {
+        if let Ok(mut s) = self.recall.lock() {
+            if let Some(e) = s.get_mut(slot) {
+                *e = bytes;
             }
         }
     }
@@ -55,6 +68,11 @@ impl Metrics {
             self.compressions.load(Ordering::Relaxed),
         );
         counter(
+            "chunkkv_recalled_tokens_total",
+            "Evicted tokens (per layer) that recall brought back into a slot's cache.",
+            self.recalled.load(Ordering::Relaxed),
+        );
+        counter(
             "chunkkv_requests_rejected_total",
             "Requests refused because the queue was full.",
             self.rejected.load(Ordering::Relaxed),
@@ -77,6 +95,14 @@ impl Metrics {
         );
         for (i, (_, bytes)) in slots.iter().enumerate() {
             let _ = writeln!(out, "chunkkv_kv_bytes_live{{slot=\"{i}\"}} {bytes}");
+        }
+        let recall = self.recall.lock().map(|s| s.clone()).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "# HELP chunkkv_recall_bytes_held Bytes of evicted K/V rows a slot keeps for recall.\n# TYPE chunkkv_recall_bytes_held gauge"
+        );
+        for (i, bytes) in recall.iter().enumerate() {
+            let _ = writeln!(out, "chunkkv_recall_bytes_held{{slot=\"{i}\"}} {bytes}");
         }
         out
     }
