@@ -212,6 +212,7 @@ fn switching_methods_keeps_compressing_across_reuse_groups() {
         from: Pos::MAX,
         history: true,
         short: true,
+        recall: false,
     };
     c.prefill_turn(
         &mut x,

@@ -79,6 +79,9 @@ pub struct Keep {
     /// Compress even when the new tokens are no more than the window, as
     /// long as the cells not yet compacted (an earlier reply, say) are more.
     pub short: bool,
+    /// A turn's end (its question), with recall on: evicted chunks come back
+    /// to be ranked with everything else. Not for a document's segments.
+    pub recall: bool,
 }
 
 /// Position recorded for a dead slot (a layer's surplus slot, masked out).
@@ -648,6 +651,7 @@ impl Compressor {
             from: start,
             history: false,
             short: true,
+            recall: false,
         };
         let (ms, full) = self.score_and_compact(ctx, window, start, n_keep, keep, None)?;
         self.finish(ctx, t_all, true, window.len(), budget, full, ms)
@@ -757,6 +761,7 @@ impl Compressor {
             from: Pos::MAX,
             history: false,
             short: false,
+            recall: false,
         };
         let scorer = self.scorer();
         self.prefill_inner(ctx, tokens, start, n_keep, keep, scorer, budget)
@@ -787,7 +792,8 @@ impl Compressor {
         // With recall, a turn's own window re-ranks the whole history,
         // evicted chunks included.
         let w = self.window.min(tokens.len());
-        let recalled = scorer == Scorer::Window
+        let recalled = keep.recall
+            && scorer == Scorer::Window
             && self.recall_upload(ctx, tokens.len(), &tokens[tokens.len() - w..])?;
         let done = self.prefill_inner(
             ctx,
@@ -1057,6 +1063,7 @@ impl Compressor {
             from: start - 1,
             history: false,
             short: false,
+            recall: false,
         };
         let mut ms = StageMs::default();
         (ms.select, ms.compact) = self.select_and_compact(ctx, &leaders, keep, n_keep - w)?;
@@ -1093,6 +1100,7 @@ impl Compressor {
             from: Pos::MAX,
             history: false,
             short: false,
+            recall: false,
         };
         let (ms, full) = self.score_and_compact(ctx, window, start, n_keep, keep, prior)?;
         self.finish(ctx, t_all, true, window.len(), budget, full, ms)
@@ -1252,6 +1260,7 @@ impl Compressor {
             from: meta.iter().flatten().max().map_or(Pos::MAX, |&p| p + 1) - self.window as Pos,
             history: false,
             short: false,
+            recall: false,
         };
         Ok(self.select(meta, importance, keep, n_keep)?.kept_pos)
     }

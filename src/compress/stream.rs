@@ -123,6 +123,8 @@ pub fn feed(
             },
             history: !harder,
             short: true,
+            // Only the text's last segment ends a turn; earlier ones are a document's middle.
+            recall: i + seg == n,
         };
         let done = compressor.prefill_turn(
             ctx,

@@ -540,6 +540,7 @@ fn compress_window(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
                 from: Pos::MAX,
                 history: true,
                 short: true,
+                recall: true,
             };
             let recalled = c.recalled_total();
             let done = if w.reconstruct {
