@@ -272,8 +272,17 @@ impl<'m> ChatSession<'m> {
         let rendered = self.render(&self.messages, false);
         let delta = self.delta(&rendered);
         // Compressed now, before any question: scored by reconstruction when the
-        // compressor can (window scoring would rank by the document's own end).
-        let n = self.feed_text(&delta, 0, Scorer::Reconstruct, progress);
+        // compressor can (window scoring would rank by the document's own end),
+        // unless recall is on: each question then re-ranks the evicted chunks,
+        // which served questions as well at a fraction of reconstruction's cost
+        // (docs/results/eval-recall.md).
+        let recall = self.compressor.as_ref().is_some_and(|c| c.recall_on());
+        let scorer = if recall {
+            Scorer::Window
+        } else {
+            Scorer::Reconstruct
+        };
+        let n = self.feed_text(&delta, 0, scorer, progress);
         match n {
             Ok(n) => {
                 self.cached_text = rendered;

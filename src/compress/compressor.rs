@@ -610,14 +610,28 @@ impl Compressor {
         }
         let n_layers = r.positions.len().max(1);
         self.recalled_total += (tokens / n_layers) as u64;
-        self.last_recall = Some(RecallTurn {
+        let turn = RecallTurn {
             tokens: tokens / n_layers,
             chunks: chunks / n_layers,
             bytes_down: r.stats.bytes_down + bytes_down,
             ms: r.stats.ms + capture_ms,
             transient_cells,
             ..r.stats
-        });
+        };
+        tracing::info!(
+            "recall (seq {}): {} cells written back, {} tokens per layer kept ({} chunks), \
+             {:.1} MiB up, {:.1} MiB down, {:.1} ms ({:.1} ranking), peak {} cells",
+            self.seq,
+            turn.uploaded,
+            turn.tokens,
+            turn.chunks,
+            turn.bytes_up as f64 / 1048576.0,
+            turn.bytes_down as f64 / 1048576.0,
+            turn.ms,
+            turn.rank_ms,
+            turn.transient_cells
+        );
+        self.last_recall = Some(turn);
     }
 
     /// A question (or any short turn) decoded on top of a compressed cache,

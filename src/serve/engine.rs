@@ -78,6 +78,8 @@ pub enum Event {
 pub enum ScoreChoice {
     /// Reconstruction for a conversation that opens with [`DOCUMENT_TOKENS`]
     /// tokens or more (a document), the observation window for the rest.
+    /// With recall the window always: each question re-ranks the evicted
+    /// chunks anyway, and reconstruction costs 2.6-3x the prefill.
     Auto,
     Fixed(Scorer),
 }
@@ -415,7 +417,11 @@ fn start(
         && match job.score.unwrap_or(cfg.score) {
             // Only a conversation's opening prompt: a later one's reconstruction
             // would score only itself, against the turns before it still uncompressed.
-            ScoreChoice::Auto => slot.cursor.next_pos == 0 && tokens.len() >= DOCUMENT_TOKENS,
+            ScoreChoice::Auto => {
+                slot.cursor.next_pos == 0
+                    && tokens.len() >= DOCUMENT_TOKENS
+                    && !slot.compressor.as_ref().is_some_and(Compressor::recall_on)
+            }
             ScoreChoice::Fixed(s) => s == Scorer::Reconstruct,
         };
     slot.work = Some(Work {
