@@ -214,6 +214,7 @@ fn run_stream(
             budget,
             cfg.n_gen + 1,
             crate::compress::Scorer::Window,
+            true,
             &mut |_| {
                 segments += 1;
                 peak = peak.max(memory_in_use_mib());

@@ -417,6 +417,7 @@ impl<'m> ChatSession<'m> {
             self.budget,
             reserve,
             scorer,
+            true,
             progress,
         );
         (self.next_pos, self.prefilled, self.compressions) =

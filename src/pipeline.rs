@@ -214,6 +214,7 @@ pub fn generate(
                 h.budget,
                 reserve,
                 scorer,
+                true,
                 &mut |_| segments += 1,
             )
             .map_err(|e| match e {

@@ -51,7 +51,8 @@ pub enum StreamError {
 /// Within the budget only new tokens are candidates (history stays as earlier
 /// compressions kept it); when the budget cannot be met, history is re-ranked
 /// too and the current text is kept whole if it fits. `scorer` ranks each
-/// segment by its own window or by reconstruction.
+/// segment by its own window or by reconstruction. `ends_turn`: `tokens`
+/// end the user's turn (its last segment may recall evicted chunks).
 #[allow(clippy::too_many_arguments)]
 pub fn feed(
     ctx: &mut Context<'_>,
@@ -61,6 +62,7 @@ pub fn feed(
     budget: Budget,
     reserve: usize,
     scorer: Scorer,
+    ends_turn: bool,
     on_segment: &mut dyn FnMut(Segment),
 ) -> Result<(), StreamError> {
     let seq = compressor.seq();
@@ -123,8 +125,9 @@ pub fn feed(
             },
             history: !harder,
             short: true,
-            // Only the text's last segment ends a turn; earlier ones are a document's middle.
-            recall: i + seg == n,
+            // Only the last segment of a turn's text recalls (a server feeds a
+            // long prompt a part per step); earlier ones are a document's middle.
+            recall: ends_turn && i + seg == n,
         };
         let done = compressor.prefill_turn(
             ctx,

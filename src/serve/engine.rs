@@ -618,6 +618,7 @@ fn prefill_segment(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
                 budget,
                 w.job.max_tokens + 1,
                 scorer,
+                w.done + n == w.pending.len(),
                 &mut |_| {},
             );
             let added = s.cursor.compressions - before;
