@@ -126,7 +126,10 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         };
     let compressor = match (compressor, args.recall.store(&ctx, crate::pipeline::SEQ)?) {
         (c, None) => c,
-        (Some(c), Some(store)) if method == Method::Chunkkv => Some(c.with_recall(store)?),
+        (Some(c), Some(store)) if method == Method::Chunkkv => Some(
+            c.with_recall(store)?
+                .with_recall_cells(args.recall.cells.unwrap_or(usize::MAX)),
+        ),
         _ => {
             anyhow::bail!("--kv-recall brings back ChunkKV's chunks: it needs --kv-method chunkkv")
         }

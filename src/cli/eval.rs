@@ -165,6 +165,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let cfg = EvalConfig {
         methods,
         recall_dir: args.recall.dir(),
+        recall_cells: args.recall.cells,
         budgets: args.budgets.clone(),
         chunk,
         reuse: args.chunk.reuse_layers,

@@ -342,6 +342,10 @@ pub struct RecallArgs {
     /// Directory of the recall file of `--kv-recall disk` [default: the system temp dir].
     #[arg(long = "kv-recall-dir", value_name = "DIR")]
     pub dir: Option<std::path::PathBuf>,
+    /// Most cells a turn writes back at once (bounds recall's transient
+    /// device memory); more held rows are ranked in batches [default: all free cells].
+    #[arg(long = "kv-recall-cells", value_name = "N")]
+    pub cells: Option<usize>,
 }
 
 impl RecallArgs {

@@ -85,6 +85,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .map_or(ScoreChoice::Auto, ScoreChoice::Fixed),
             recall: args.recall.mode,
             recall_dir: args.recall.dir.clone(),
+            recall_cells: args.recall.cells,
         },
         queue: args.queue,
         api_key: args.api_key.clone(),

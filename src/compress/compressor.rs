@@ -129,6 +129,8 @@ pub struct Compressor {
     rank_bytes: u64,
     /// Tokens (per layer, summed over turns) recall brought back.
     recalled_total: u64,
+    /// Most cells one turn writes back at once (`--kv-recall-cells`).
+    recall_cells: usize,
 }
 
 /// Rows uploaded for one turn's scoring, until its compaction.
@@ -291,6 +293,7 @@ impl Compressor {
             recall_warning: None,
             rank_bytes: 0,
             recalled_total: 0,
+            recall_cells: usize::MAX,
         })
     }
 
@@ -308,6 +311,13 @@ impl Compressor {
         }
         self.recall = Some(store);
         Ok(self)
+    }
+
+    /// Caps the cells a turn writes back at once (the transient device
+    /// memory of recall); more held rows are then ranked in batches.
+    pub fn with_recall_cells(mut self, cells: usize) -> Self {
+        self.recall_cells = cells.max(1);
+        self
     }
 
     fn can_recall(&self) -> bool {
@@ -385,7 +395,10 @@ impl Compressor {
         let t = Instant::now();
         let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
         let end = meta.iter().rposition(Option::is_some).map_or(0, |c| c + 1);
-        let room = meta.len().saturating_sub(end + incoming + 1);
+        let room = meta
+            .len()
+            .saturating_sub(end + incoming + 1)
+            .min(self.recall_cells);
         let Some(store) = self.recall.as_ref() else {
             return Ok(false);
         };
@@ -423,6 +436,13 @@ impl Compressor {
             }
         }
         let rank_ms = t_rank.elapsed().as_secs_f64() * 1e3;
+        if std::env::var_os("CHUNKKV_DEBUG_RANK").is_some() {
+            for l in [0, self.layers.len() / 2, self.layers.len() - 1] {
+                let mut a = avail[l].clone();
+                a.sort_by(|x, y| y.1.total_cmp(&x.1));
+                eprintln!("layer {l} top: {:?}", &a[..a.len().min(12)]);
+            }
+        }
         let chunk = self.policy.chunk_size().max(1) as Pos;
         let picks: Vec<Vec<Pos>> = avail
             .into_iter()
@@ -514,7 +534,10 @@ impl Compressor {
         window: &[Token],
     ) -> Result<(), CompressError> {
         let w = window.len();
-        let batch = meta.len().saturating_sub(end + w + 1);
+        let batch = meta
+            .len()
+            .saturating_sub(end + w + 1)
+            .min(self.recall_cells);
         if batch == 0 || w > ctx.n_ubatch() as usize {
             return Ok(());
         }
@@ -562,8 +585,15 @@ impl Compressor {
             }
             self.slots.replace(t);
             let leaders = self.leader_flags(ctx);
+            let t_dec = Instant::now();
             ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), ScoreReduce::Sum);
             let decoded = ctx.decode_tokens(window, at, self.seq, false);
+            if std::env::var_os("CHUNKKV_DEBUG_RANK").is_some() {
+                eprintln!(
+                    "pass at {i}: decode {:.1} ms",
+                    t_dec.elapsed().as_secs_f64() * 1e3
+                );
+            }
             ctx.importance_end();
             // The window and the batch leave again whatever happened.
             let removed = ctx.seq_rm(self.seq, at, -1);
@@ -581,10 +611,24 @@ impl Compressor {
                 .into_iter()
                 .map(|il| ctx.importance(il).ok_or(CompressError::NoImportance(il)))
                 .collect::<Result<_, _>>()?;
+            // Every pass shares the kept cells: a batch row's attention over
+            // the attention the kept cells got in the same pass does not
+            // depend on what else the batch held (the softmax's normalizer
+            // cancels), so rows of different passes compare.
             for (l, a) in avail.iter_mut().enumerate() {
                 let imp = &scores[group_of[l]];
+                let kept: Vec<f32> = imp
+                    .per_head
+                    .iter()
+                    .map(|s| s[..end].iter().sum::<f32>().max(f32::MIN_POSITIVE))
+                    .collect();
                 for (k, entry) in a[i..i + b].iter_mut().enumerate() {
-                    entry.1 = imp.per_head.iter().map(|s| s[end + k]).sum();
+                    entry.1 = imp
+                        .per_head
+                        .iter()
+                        .zip(&kept)
+                        .map(|(s, m)| s[end + k] / m)
+                        .sum();
                 }
             }
             i += b;

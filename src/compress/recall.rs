@@ -338,61 +338,140 @@ impl RecallStore {
         picks: &[Vec<Vec<Pos>>],
     ) -> Result<u64, RecallError> {
         let mut moved = 0u64;
-        for (l, heads) in picks.iter().enumerate() {
-            let lay = self.layers[l].layout;
-            let n = heads.first().map_or(0, Vec::len);
-            if n == 0 {
-                continue;
-            }
-            let records: Vec<Vec<u8>> = (0..lay.n_head_kv)
-                .map(|h| self.records(l, h, &heads[h.min(heads.len() - 1)]))
-                .collect::<Result<_, _>>()?;
-            let rec = self.layers[l].record();
-            let k_row = lay.k_head_bytes * lay.n_head_kv;
-            let mut k = vec![0u8; n * k_row];
-            for (h, r) in records.iter().enumerate() {
-                for i in 0..n {
-                    let dst = (i * lay.n_head_kv + h) * lay.k_head_bytes;
-                    k[dst..dst + lay.k_head_bytes]
-                        .copy_from_slice(&r[i * rec..i * rec + lay.k_head_bytes]);
-                }
-            }
-            ctx.kv_write(KvPart::Base, seq, l, false, c0 * k_row, &k)?;
-            moved += k.len() as u64;
-            if lay.v_head_bytes == 0 {
-                continue;
-            }
-            let vb = lay.v_head_bytes;
-            if lay.v_trans {
-                // One run of n elements per V dimension.
-                let e = lay.v_elem_bytes();
-                let mut run = vec![0u8; n * e];
-                for (h, r) in records.iter().enumerate() {
-                    for d in 0..lay.head_dim_v {
-                        for i in 0..n {
-                            let src = i * rec + lay.k_head_bytes + d * e;
-                            run[i * e..(i + 1) * e].copy_from_slice(&r[src..src + e]);
-                        }
-                        let j = h * lay.head_dim_v + d;
-                        ctx.kv_write(KvPart::Base, seq, l, true, (j * lay.n_cells + c0) * e, &run)?;
-                        moved += run.len() as u64;
-                    }
-                }
+        // Host rows are gathered on all cores, a group of layers at a time
+        // (bounded memory); a file is read layer by layer.
+        let group = if self.disk.is_some() {
+            1
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        };
+        let layers: Vec<usize> = (0..picks.len()).collect();
+        for chunk in layers.chunks(group) {
+            let bufs: Vec<Result<(Vec<u8>, Vec<u8>), RecallError>> = if self.disk.is_some() {
+                chunk
+                    .iter()
+                    .map(|&l| {
+                        let records = self.head_records(l, &picks[l])?;
+                        Ok(
+                            self.gather(l, picks[l].first().map_or(0, Vec::len), |h, i| {
+                                &records[h][i * self.layers[l].record()..]
+                            }),
+                        )
+                    })
+                    .collect()
             } else {
-                let v_row = vb * lay.n_head_kv;
-                let mut v = vec![0u8; n * v_row];
-                for (h, r) in records.iter().enumerate() {
-                    for i in 0..n {
-                        let dst = (i * lay.n_head_kv + h) * vb;
-                        let src = i * rec + lay.k_head_bytes;
-                        v[dst..dst + vb].copy_from_slice(&r[src..src + vb]);
-                    }
+                let this = &*self;
+                std::thread::scope(|sc| {
+                    let handles: Vec<_> = chunk
+                        .iter()
+                        .map(|&l| sc.spawn(move || this.gather_host(l, &picks[l])))
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                        .collect()
+                })
+            };
+            for (&l, buf) in chunk.iter().zip(bufs) {
+                let (k, v) = buf?;
+                if k.is_empty() {
+                    continue;
                 }
-                ctx.kv_write(KvPart::Base, seq, l, true, c0 * v_row, &v)?;
+                let lay = self.layers[l].layout;
+                let n = picks[l][0].len();
+                let k_row = lay.k_head_bytes * lay.n_head_kv;
+                ctx.kv_write(KvPart::Base, seq, l, false, c0 * k_row, &k)?;
+                moved += k.len() as u64;
+                if lay.v_head_bytes == 0 {
+                    continue;
+                }
+                if lay.v_trans {
+                    // One run of n elements per V dimension.
+                    let e = lay.v_elem_bytes();
+                    for (j, run) in v.chunks(n * e).enumerate() {
+                        ctx.kv_write(KvPart::Base, seq, l, true, (j * lay.n_cells + c0) * e, run)?;
+                    }
+                } else {
+                    let v_row = lay.v_head_bytes * lay.n_head_kv;
+                    ctx.kv_write(KvPart::Base, seq, l, true, c0 * v_row, &v)?;
+                }
                 moved += v.len() as u64;
             }
         }
         Ok(moved)
+    }
+
+    /// The records of `heads[h]` for every KV head of layer `l` (read from the file).
+    fn head_records(&mut self, l: usize, heads: &[Vec<Pos>]) -> Result<Vec<Vec<u8>>, RecallError> {
+        let n_head = self.layers[l].layout.n_head_kv;
+        (0..n_head)
+            .map(|h| self.records(l, h, &heads[h.min(heads.len() - 1)]))
+            .collect()
+    }
+
+    /// Layer `l`'s K rows and V (rows, or one run per dimension when
+    /// transposed) for `heads[h]`'s positions, straight from host memory.
+    fn gather_host(&self, l: usize, heads: &[Vec<Pos>]) -> Result<(Vec<u8>, Vec<u8>), RecallError> {
+        let n = heads.first().map_or(0, Vec::len);
+        let rec = self.layers[l].record();
+        let ids: Vec<Vec<usize>> = (0..self.layers[l].layout.n_head_kv)
+            .map(|h| {
+                let head = &self.layers[l].heads[h];
+                heads[h.min(heads.len() - 1)]
+                    .iter()
+                    .map(|p| {
+                        head.index.get(p).map(|&i| i as usize).ok_or_else(|| {
+                            RecallError::Unsupported(format!(
+                                "position {p} of storage layer {l}, KV head {h} is not held"
+                            ))
+                        })
+                    })
+                    .collect()
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(self.gather(l, n, |h, i| {
+            &self.layers[l].heads[h].data[ids[h][i] * rec..]
+        }))
+    }
+
+    /// Lays `n` records per KV head (`record(h, i)`: head `h`'s `i`-th, K
+    /// then V) out as the device holds them: K rows by cell, V rows by cell
+    /// or, transposed, `n` elements per V dimension.
+    fn gather<'a>(
+        &self,
+        l: usize,
+        n: usize,
+        record: impl Fn(usize, usize) -> &'a [u8],
+    ) -> (Vec<u8>, Vec<u8>) {
+        if n == 0 {
+            return (Vec::new(), Vec::new());
+        }
+        let lay = self.layers[l].layout;
+        let (kb, vb, nh) = (lay.k_head_bytes, lay.v_head_bytes, lay.n_head_kv);
+        let mut k = vec![0u8; n * nh * kb];
+        let mut v = vec![0u8; n * nh * vb];
+        let e = lay.v_elem_bytes().max(1);
+        for h in 0..nh {
+            for i in 0..n {
+                let r = record(h, i);
+                let dst = (i * nh + h) * kb;
+                k[dst..dst + kb].copy_from_slice(&r[..kb]);
+                if vb == 0 {
+                    continue;
+                }
+                if lay.v_trans {
+                    for d in 0..lay.head_dim_v {
+                        let j = h * lay.head_dim_v + d;
+                        let src = kb + d * e;
+                        v[(j * n + i) * e..(j * n + i + 1) * e].copy_from_slice(&r[src..src + e]);
+                    }
+                } else {
+                    let dst = (i * nh + h) * vb;
+                    v[dst..dst + vb].copy_from_slice(&r[kb..kb + vb]);
+                }
+            }
+        }
+        (k, v)
     }
 
     /// The records of `pos` (all held) for layer `l`, head `h`, back to back.

@@ -73,6 +73,8 @@ pub struct EvalConfig {
     pub query_agnostic: bool,
     /// Where `+recall` methods keep evicted rows: a directory, else host memory.
     pub recall_dir: Option<std::path::PathBuf>,
+    /// `--kv-recall-cells`: most cells a question writes back at once.
+    pub recall_cells: Option<usize>,
 }
 
 impl EvalConfig {
@@ -365,6 +367,9 @@ fn run_prompt(
                     let store = RecallStore::new(ctx, SEQ, cfg.recall_dir.as_deref())
                         .map_err(CompressError::from)?;
                     c = c.with_recall(store)?;
+                    if let Some(n) = cfg.recall_cells {
+                        c = c.with_recall_cells(n);
+                    }
                 }
                 c.observe(ctx.model(), head, 0);
                 let n_keep = b.cells_for(n).max(1);

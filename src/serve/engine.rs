@@ -99,6 +99,7 @@ pub struct EngineConfig {
     /// or a file in `recall_dir`) and every turn may bring chunks back.
     pub recall: RecallMode,
     pub recall_dir: Option<std::path::PathBuf>,
+    pub recall_cells: Option<usize>,
 }
 
 /// A slot: one sequence, its compressed history and what it is doing.
@@ -324,7 +325,10 @@ fn new_compressor(
             let dir = (cfg.recall == RecallMode::Disk)
                 .then(|| cfg.recall_dir.clone().unwrap_or_else(std::env::temp_dir));
             let store = RecallStore::new(ctx, seq, dir.as_deref()).map_err(|e| e.to_string())?;
-            c = c.with_recall(store).map_err(|e| e.to_string())?;
+            c = c
+                .with_recall(store)
+                .map_err(|e| e.to_string())?
+                .with_recall_cells(cfg.recall_cells.unwrap_or(usize::MAX));
         }
     }
     Ok(c)
