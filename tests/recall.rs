@@ -311,28 +311,3 @@ fn a_turn_ranks_more_evicted_rows_than_its_free_cells_hold() {
     assert!(s.kv.cells_used as usize <= budget + reply.n_gen, "{s:?}");
     assert!(text.contains("7319"), "{text:?}");
 }
-
-#[test]
-#[ignore]
-fn debug_ranking() {
-    let model = qwen();
-    for cap in [usize::MAX, 150] {
-        let mut ctx = ctx(model, 4096, FlashAttn::On);
-        let (doc, fact) = document(model);
-        let n = doc.len();
-        let store = RecallStore::new(&ctx, SEQ, None).unwrap();
-        let mut c = chunkkv(&ctx)
-            .with_recall(store)
-            .unwrap()
-            .with_recall_cells(cap);
-        let n_keep = Budget::Ratio(0.1).cells_for(n);
-        c.prefill(&mut ctx, &doc, 0, n_keep, serde_json::json!(0.1))
-            .unwrap();
-        let ask = tok(model, QUESTION, false);
-        eprintln!("cap {cap}: fact at {fact:?}");
-        c.recall_window(&mut ctx, &ask, n as i32, n_keep, serde_json::json!(0.1))
-            .unwrap();
-        let text = answer(&mut ctx, n + ask.len(), 12);
-        eprintln!("cap {cap}: {:?} answer {text:?}", c.last_recall());
-    }
-}

@@ -436,13 +436,6 @@ impl Compressor {
             }
         }
         let rank_ms = t_rank.elapsed().as_secs_f64() * 1e3;
-        if std::env::var_os("CHUNKKV_DEBUG_RANK").is_some() {
-            for l in [0, self.layers.len() / 2, self.layers.len() - 1] {
-                let mut a = avail[l].clone();
-                a.sort_by(|x, y| y.1.total_cmp(&x.1));
-                eprintln!("layer {l} top: {:?}", &a[..a.len().min(12)]);
-            }
-        }
         let chunk = self.policy.chunk_size().max(1) as Pos;
         let picks: Vec<Vec<Pos>> = avail
             .into_iter()
@@ -585,15 +578,8 @@ impl Compressor {
             }
             self.slots.replace(t);
             let leaders = self.leader_flags(ctx);
-            let t_dec = Instant::now();
             ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), ScoreReduce::Sum);
             let decoded = ctx.decode_tokens(window, at, self.seq, false);
-            if std::env::var_os("CHUNKKV_DEBUG_RANK").is_some() {
-                eprintln!(
-                    "pass at {i}: decode {:.1} ms",
-                    t_dec.elapsed().as_secs_f64() * 1e3
-                );
-            }
             ctx.importance_end();
             // The window and the batch leave again whatever happened.
             let removed = ctx.seq_rm(self.seq, at, -1);
