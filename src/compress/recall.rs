@@ -16,6 +16,10 @@ use std::path::{Path, PathBuf};
 
 use crate::llama::{Context, KvLayerLayout, KvPart, Pos, RowsError, SeqId};
 
+/// One layer's rows as the device holds them: K, then V (rows, or runs per
+/// dimension when transposed).
+type DeviceRows = (Vec<u8>, Vec<u8>);
+
 /// A row about to be evicted: its cell, position and importance.
 pub type Evicted = (usize, Pos, f32);
 
@@ -347,7 +351,7 @@ impl RecallStore {
         };
         let layers: Vec<usize> = (0..picks.len()).collect();
         for chunk in layers.chunks(group) {
-            let bufs: Vec<Result<(Vec<u8>, Vec<u8>), RecallError>> = if self.disk.is_some() {
+            let bufs: Vec<Result<DeviceRows, RecallError>> = if self.disk.is_some() {
                 chunk
                     .iter()
                     .map(|&l| {
@@ -411,7 +415,7 @@ impl RecallStore {
 
     /// Layer `l`'s K rows and V (rows, or one run per dimension when
     /// transposed) for `heads[h]`'s positions, straight from host memory.
-    fn gather_host(&self, l: usize, heads: &[Vec<Pos>]) -> Result<(Vec<u8>, Vec<u8>), RecallError> {
+    fn gather_host(&self, l: usize, heads: &[Vec<Pos>]) -> Result<DeviceRows, RecallError> {
         let n = heads.first().map_or(0, Vec::len);
         let rec = self.layers[l].record();
         let ids: Vec<Vec<usize>> = (0..self.layers[l].layout.n_head_kv)
@@ -442,7 +446,7 @@ impl RecallStore {
         l: usize,
         n: usize,
         record: impl Fn(usize, usize) -> &'a [u8],
-    ) -> (Vec<u8>, Vec<u8>) {
+    ) -> DeviceRows {
         if n == 0 {
             return (Vec::new(), Vec::new());
         }
