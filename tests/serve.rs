@@ -437,3 +437,62 @@ fn sigterm_lets_running_requests_end_cleanly_and_exits_0() {
         "the stream ended cleanly: {stdout}"
     );
 }
+
+#[test]
+fn a_slot_with_recall_brings_an_evicted_fact_back_for_the_question() {
+    let server = Server::start(
+        "qwen2.5-0.5b",
+        &[
+            "-c",
+            "4096",
+            "-np",
+            "1",
+            "--kv-budget",
+            "10%",
+            "--kv-recall",
+            "host",
+        ],
+    );
+    let hay = essays(5000);
+    let cut = hay[..hay.len() / 2].rfind(' ').unwrap();
+    let opening = format!(
+        "Here is a text. {} The secret code of the blue lighthouse is 7319. {}\n\
+         In one short sentence, what is the text about?",
+        &hay[..cut],
+        &hay[cut..]
+    );
+    let mut messages = vec![serde_json::json!({"role": "user", "content": opening})];
+    let (status, body) = post(
+        &server,
+        "/v1/chat/completions",
+        &serde_json::json!({"messages": messages, "max_tokens": 16, "temperature": 0}),
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    let reply = json(&body)["choices"][0]["message"]["content"].clone();
+    messages.push(serde_json::json!({"role": "assistant", "content": reply}));
+    messages.push(serde_json::json!({
+        "role": "user",
+        "content": "What is the secret code of the blue lighthouse? Answer with the code."
+    }));
+    let (status, body) = post(
+        &server,
+        "/v1/chat/completions",
+        &serde_json::json!({"messages": messages, "max_tokens": 12, "temperature": 0}),
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer = json(&body)["choices"][0]["message"]["content"].to_string();
+    // The slot keeps its evicted rows and the question brought some back.
+    assert!(
+        metric(&server, "chunkkv_recall_bytes_held") > 0.0,
+        "{}",
+        server.log()
+    );
+    assert!(
+        metric(&server, "chunkkv_recalled_tokens_total") > 0.0,
+        "{}",
+        server.log()
+    );
+    assert!(answer.contains("7319"), "{answer}\n{}", server.log());
+}
