@@ -311,3 +311,25 @@ fn a_turn_ranks_more_evicted_rows_than_its_free_cells_hold() {
     assert!(s.kv.cells_used as usize <= budget + reply.n_gen, "{s:?}");
     assert!(text.contains("7319"), "{text:?}");
 }
+
+#[test]
+fn an_unwritable_recall_dir_is_a_clear_error() {
+    let file = std::env::temp_dir().join(format!("chunkkv-recall-notadir-{}", std::process::id()));
+    std::fs::write(&file, b"x").unwrap();
+    let o = std::process::Command::new(common::bin())
+        .args(["chat", "--kv-recall", "disk", "--kv-recall-dir"])
+        .arg(file.join("sub"))
+        .arg("-m")
+        .arg(model_path("qwen2.5-0.5b"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("error:") && err.contains("recall file"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
