@@ -648,7 +648,7 @@ impl Compressor {
             transient_cells,
             ..r.stats
         };
-        tracing::info!(
+        let msg = format!(
             "recall (seq {}): {} cells written back, {} tokens per layer kept ({} chunks), \
              {:.1} MiB up, {:.1} MiB down, {:.1} ms ({:.1} ranking), peak {} cells",
             self.seq,
@@ -661,6 +661,12 @@ impl Compressor {
             turn.rank_ms,
             turn.transient_cells
         );
+        // A compaction that recalled nothing (a document's) only stored rows.
+        if turn.uploaded > 0 {
+            tracing::info!("{msg}");
+        } else {
+            tracing::debug!("{msg}");
+        }
         self.last_recall = Some(turn);
     }
 
