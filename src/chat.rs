@@ -273,15 +273,11 @@ impl<'m> ChatSession<'m> {
         let delta = self.delta(&rendered);
         // Compressed now, before any question: scored by reconstruction when the
         // compressor can (window scoring would rank by the document's own end),
-        // unless recall is on: each question then re-ranks the evicted chunks,
-        // which served questions as well at a fraction of reconstruction's cost
-        // (docs/results/eval-recall.md).
-        let recall = self.compressor.as_ref().is_some_and(|c| c.recall_on());
-        let scorer = if recall {
-            Scorer::Window
-        } else {
-            Scorer::Reconstruct
-        };
+        // or by its window when each question recalls evicted chunks.
+        let scorer = self
+            .compressor
+            .as_ref()
+            .map_or(Scorer::Reconstruct, Compressor::document_scorer);
         let n = self.feed_text(&delta, 0, scorer, progress);
         match n {
             Ok(n) => {

@@ -461,38 +461,25 @@ fn a_slot_with_recall_brings_an_evicted_fact_back_for_the_question() {
         &hay[..cut],
         &hay[cut..]
     );
+    // One request with the whole conversation; the reply's text.
+    let ask = |messages: &Vec<Value>, max_tokens: usize| {
+        let body =
+            serde_json::json!({"messages": messages, "max_tokens": max_tokens, "temperature": 0});
+        let (status, body) = post(&server, "/v1/chat/completions", &body, &[]);
+        assert_eq!(status, 200, "{body}");
+        json(&body)["choices"][0]["message"]["content"].clone()
+    };
     let mut messages = vec![serde_json::json!({"role": "user", "content": opening})];
-    let (status, body) = post(
-        &server,
-        "/v1/chat/completions",
-        &serde_json::json!({"messages": messages, "max_tokens": 16, "temperature": 0}),
-        &[],
-    );
-    assert_eq!(status, 200, "{body}");
-    let reply = json(&body)["choices"][0]["message"]["content"].clone();
+    let reply = ask(&messages, 16);
     messages.push(serde_json::json!({"role": "assistant", "content": reply}));
     messages.push(serde_json::json!({
         "role": "user",
         "content": "What is the secret code of the blue lighthouse? Answer with the code."
     }));
-    let (status, body) = post(
-        &server,
-        "/v1/chat/completions",
-        &serde_json::json!({"messages": messages, "max_tokens": 12, "temperature": 0}),
-        &[],
-    );
-    assert_eq!(status, 200, "{body}");
-    let answer = json(&body)["choices"][0]["message"]["content"].to_string();
+    let answer = ask(&messages, 12).to_string();
     // The slot keeps its evicted rows and the question brought some back.
-    assert!(
-        metric(&server, "chunkkv_recall_bytes_held") > 0.0,
-        "{}",
-        server.log()
-    );
-    assert!(
-        metric(&server, "chunkkv_recalled_tokens_total") > 0.0,
-        "{}",
-        server.log()
-    );
+    for name in ["chunkkv_recall_bytes_held", "chunkkv_recalled_tokens_total"] {
+        assert!(metric(&server, name) > 0.0, "{name}\n{}", server.log());
+    }
     assert!(answer.contains("7319"), "{answer}\n{}", server.log());
 }

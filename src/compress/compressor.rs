@@ -326,6 +326,18 @@ impl Compressor {
             && self.policy.score_rows().is_some()
     }
 
+    /// What scores a document compressed before its questions: its
+    /// reconstruction, unless recall is on (each question then re-ranks the
+    /// evicted chunks, which served questions as well at a fraction of
+    /// reconstruction's cost: docs/results/eval-recall.md).
+    pub fn document_scorer(&self) -> Scorer {
+        if self.recall_on() {
+            Scorer::Window
+        } else {
+            Scorer::Reconstruct
+        }
+    }
+
     /// Whether recall is on (and the current policy can use it).
     pub fn recall_on(&self) -> bool {
         self.recall.is_some() && self.can_recall()
@@ -685,17 +697,7 @@ impl Compressor {
     ) -> Result<Prefilled, CompressError> {
         let t_all = Instant::now();
         if !self.recall_upload(ctx, window.len(), window)? {
-            ctx.decode_tokens(window, start, self.seq, true)?;
-            let full = stats(ctx, self.seq)?;
-            return self.finish(
-                ctx,
-                t_all,
-                false,
-                window.len(),
-                budget,
-                full,
-                StageMs::default(),
-            );
+            return self.decode_plain(ctx, window, start, t_all, window.len(), budget);
         }
         let keep = Keep {
             from: start,
@@ -892,9 +894,7 @@ impl Compressor {
                 || n_keep <= w
                 || this.policy.score_rows().is_none()
             {
-                ctx.decode_tokens(window, wstart, this.seq, true)?;
-                let full = stats(ctx, this.seq)?;
-                return this.finish(ctx, t_all, false, n, budget, full, StageMs::default());
+                return this.decode_plain(ctx, window, wstart, t_all, n, budget);
             }
             let (ms, full) =
                 this.reconstruct_and_compact(ctx, head, start, window, n_keep, keep)?;
@@ -1134,17 +1134,7 @@ impl Compressor {
         let t_all = Instant::now();
         let total = stats(ctx, self.seq)?.cells_used as usize + window.len();
         if n_keep >= total {
-            ctx.decode_tokens(window, start, self.seq, true)?;
-            let full = stats(ctx, self.seq)?;
-            return self.finish(
-                ctx,
-                t_all,
-                false,
-                window.len(),
-                budget,
-                full,
-                StageMs::default(),
-            );
+            return self.decode_plain(ctx, window, start, t_all, window.len(), budget);
         }
         let keep = Keep {
             from: Pos::MAX,
@@ -1154,6 +1144,30 @@ impl Compressor {
         };
         let (ms, full) = self.score_and_compact(ctx, window, start, n_keep, keep, prior)?;
         self.finish(ctx, t_all, true, window.len(), budget, full, ms)
+    }
+
+    /// `window` decoded at `start` as llama.cpp would, nothing evicted: the
+    /// report of a prefill of `n_prompt` tokens that fit the budget.
+    fn decode_plain(
+        &self,
+        ctx: &mut Context<'_>,
+        window: &[Token],
+        start: Pos,
+        t_all: Instant,
+        n_prompt: usize,
+        budget: serde_json::Value,
+    ) -> Result<Prefilled, CompressError> {
+        ctx.decode_tokens(window, start, self.seq, true)?;
+        let full = stats(ctx, self.seq)?;
+        self.finish(
+            ctx,
+            t_all,
+            false,
+            n_prompt,
+            budget,
+            full,
+            StageMs::default(),
+        )
     }
 
     /// The report of one prefill: `full` is the cache before compaction.
@@ -1352,7 +1366,6 @@ impl Compressor {
             }
         }
         let capture_ms = t_capture.elapsed().as_secs_f64() * 1e3;
-        let transient = meta.iter().filter(|m| m.is_some()).count() as u32;
 
         let t_compact = Instant::now();
         // Slot metadata (one position per slot, for the causal mask) comes
@@ -1381,6 +1394,7 @@ impl Compressor {
                     stats: RecallTurn::default(),
                 });
             }
+            let transient = meta.iter().filter(|m| m.is_some()).count() as u32;
             self.recall_finish(transient, bytes_down, capture_ms);
         }
         Ok((select_ms, t_compact.elapsed().as_secs_f64() * 1e3))

@@ -856,22 +856,19 @@ impl<'m> Context<'m> {
         offset: usize,
         out: &mut [u8],
     ) -> Result<(), RowsError> {
-        let idx = i32::try_from(idx).map_err(|_| RowsError::NoCache)?;
-        // SAFETY: out is writable for out.len() bytes; llama.cpp checks the range.
-        let rc = unsafe {
-            sys::llama_kv_layer_copy(
-                self.ptr.as_ptr(),
-                part.raw(),
+        // SAFETY: out is writable for out.len() bytes.
+        unsafe {
+            self.kv_copy(
+                part,
                 seq,
                 idx,
                 v,
                 false,
                 offset,
-                out.as_mut_ptr().cast(),
+                out.as_mut_ptr(),
                 out.len(),
             )
-        };
-        rows_rc(rc, offset, out.len())
+        }
     }
 
     /// Writes `data` at byte `offset` of storage layer `idx`'s K (`v` false)
@@ -885,23 +882,57 @@ impl<'m> Context<'m> {
         offset: usize,
         data: &[u8],
     ) -> Result<(), RowsError> {
-        let idx = i32::try_from(idx).map_err(|_| RowsError::NoCache)?;
-        // SAFETY: data is readable for data.len() bytes; llama.cpp only reads it
-        // (the pointer is not const in the C signature); it checks the range.
-        let rc = unsafe {
-            sys::llama_kv_layer_copy(
-                self.ptr.as_ptr(),
-                part.raw(),
+        // SAFETY: data is readable for data.len() bytes and, with write set,
+        // only read (the C signature's pointer is not const).
+        unsafe {
+            self.kv_copy(
+                part,
                 seq,
                 idx,
                 v,
                 true,
                 offset,
-                data.as_ptr() as *mut std::ffi::c_void,
+                data.as_ptr().cast_mut(),
                 data.len(),
             )
-        };
-        rows_rc(rc, offset, data.len())
+        }
+    }
+
+    /// `llama_kv_layer_copy`: `len` bytes between `ptr` and the tensor, in the
+    /// direction `write` says. llama.cpp checks the range.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for `len` bytes: writable when reading the tensor,
+    /// readable when writing it.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kv_copy(
+        &self,
+        part: KvPart,
+        seq: SeqId,
+        idx: usize,
+        v: bool,
+        write: bool,
+        offset: usize,
+        ptr: *mut u8,
+        len: usize,
+    ) -> Result<(), RowsError> {
+        let idx = i32::try_from(idx).map_err(|_| RowsError::NoCache)?;
+        let rc = sys::llama_kv_layer_copy(
+            self.ptr.as_ptr(),
+            part.raw(),
+            seq,
+            idx,
+            v,
+            write,
+            offset,
+            ptr.cast(),
+            len,
+        );
+        match rc {
+            0 => Ok(()),
+            // -1: a bad layer or sequence, or a range outside the tensor.
+            _ => Err(RowsError::OutOfRange { offset, len }),
+        }
     }
 
     /// Marks the free cells `c0..c0 + pos.len()` of `seq`'s stream as holding
@@ -972,13 +1003,5 @@ impl<'m> Context<'m> {
             unsafe { sys::llama_kv_layer_mask_set(self.ptr.as_ptr(), std::ptr::null(), 0) };
             self.dead.clear();
         }
-    }
-}
-
-fn rows_rc(rc: i32, offset: usize, len: usize) -> Result<(), RowsError> {
-    match rc {
-        0 => Ok(()),
-        // -1: a bad layer or sequence, or a range outside the tensor.
-        _ => Err(RowsError::OutOfRange { offset, len }),
     }
 }

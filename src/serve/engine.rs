@@ -424,7 +424,10 @@ fn start(
             ScoreChoice::Auto => {
                 slot.cursor.next_pos == 0
                     && tokens.len() >= DOCUMENT_TOKENS
-                    && !slot.compressor.as_ref().is_some_and(Compressor::recall_on)
+                    && slot
+                        .compressor
+                        .as_ref()
+                        .is_some_and(|c| c.document_scorer() == Scorer::Reconstruct)
             }
             ScoreChoice::Fixed(s) => s == Scorer::Reconstruct,
         };
