@@ -39,11 +39,11 @@ fn scores(seed: u64, n: usize) -> Vec<f32> {
 
 fn importance(layers: impl Iterator<Item = u32>) -> Vec<LayerImportance> {
     layers
-        .map(|l| LayerImportance {
-            layer: l,
-            per_head: (0..KV_HEADS)
+        .map(|l| {
+            let heads = (0..KV_HEADS)
                 .map(|h| scores(u64::from(l) * 31 + h as u64 + 1, TOKENS))
-                .collect(),
+                .collect();
+            LayerImportance::from_heads(l, heads)
         })
         .collect()
 }

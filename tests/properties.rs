@@ -96,20 +96,16 @@ proptest! {
         let mut s = seed | 1;
         let imp: Vec<LayerImportance> = (0..n_layers as u32)
             .step_by(reuse)
-            .map(|l| LayerImportance {
-                layer: l,
-                per_head: (0..heads)
+            .map(|l| {
+                let scores = (0..heads * n)
                     .map(|_| {
-                        (0..n)
-                            .map(|_| {
-                                s ^= s << 13;
-                                s ^= s >> 7;
-                                s ^= s << 17;
-                                (s % 1000) as f32
-                            })
-                            .collect()
+                        s ^= s << 13;
+                        s ^= s >> 7;
+                        s ^= s << 17;
+                        (s % 1000) as f32
                     })
-                    .collect(),
+                    .collect();
+                LayerImportance::new(l, n, scores)
             })
             .collect();
         let plan = comp.plan(&meta, &imp, n_keep).unwrap();

@@ -75,7 +75,7 @@ fn reconstruction_ranks_a_planted_fact_above_filler() {
     let mut wins = 0;
     for layer in &scores {
         let s: Vec<f32> = (0..n)
-            .map(|c| layer.per_head.iter().map(|h| h[c]).sum::<f32>())
+            .map(|c| layer.heads().map(|h| h[c]).sum::<f32>())
             .collect();
         let mean = |cells: &mut dyn Iterator<Item = usize>| {
             let v: Vec<f32> = cells.map(|c| s[c]).collect();

@@ -145,8 +145,15 @@ fn print_md(model: &str, n_gen: usize, rows: &[BenchRow]) {
         };
         let overhead = match (&r.stages, &r.stream) {
             (Some(s), _) => format!(
-                "{:.1} ({:.2}%): scored window {:.1} (read back {:.1}), select {:.1}, compact {:.1}",
-                r.overhead_ms, r.overhead_pct, s.importance, s.readback, s.select, s.compact
+                "{:.1} ({:.2}%{}): scored window {:.1} (read back {:.1}), select {:.1}, compact {:.1}",
+                r.overhead_ms,
+                r.overhead_pct,
+                r.overhead_first_ms
+                    .map_or(String::new(), |f| format!("; first {f:.1}")),
+                s.importance,
+                s.readback,
+                s.select,
+                s.compact
             ),
             (_, Some(s)) => format!(
                 "{} segments, {} compressions, peak {:.0} MiB",

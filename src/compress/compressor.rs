@@ -19,8 +19,8 @@ use super::slots::SlotTable;
 use super::Chunking;
 use super::Scorer;
 use crate::llama::{
-    CompactError, Context, DeadSlots, DecodeError, KvPart, LayerImportance, Pos, ScoreReduce,
-    ScoreRows, SeqId, Token,
+    CompactError, Context, DeadSlots, DecodeError, ImportanceAllocError, KvPart, LayerImportance,
+    Pos, ScoreReduce, ScoreRows, SeqId, Token,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,8 @@ pub enum CompressError {
     Compact(#[from] CompactError),
     #[error("llama.cpp computed no attention importance for layer {0}")]
     NoImportance(u32),
+    #[error(transparent)]
+    ImportanceMemory(#[from] ImportanceAllocError),
     #[error(transparent)]
     Recall(#[from] RecallError),
 }
@@ -590,7 +592,7 @@ impl Compressor {
             }
             self.slots.replace(t);
             let leaders = self.leader_flags(ctx);
-            ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), ScoreReduce::Sum);
+            ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), ScoreReduce::Sum)?;
             let decoded = ctx.decode_tokens(window, at, self.seq, false);
             ctx.importance_end();
             // The window and the batch leave again whatever happened.
@@ -616,17 +618,11 @@ impl Compressor {
             for (l, a) in avail.iter_mut().enumerate() {
                 let imp = &scores[group_of[l]];
                 let kept: Vec<f32> = imp
-                    .per_head
-                    .iter()
+                    .heads()
                     .map(|s| s[..end].iter().sum::<f32>().max(f32::MIN_POSITIVE))
                     .collect();
                 for (k, entry) in a[i..i + b].iter_mut().enumerate() {
-                    entry.1 = imp
-                        .per_head
-                        .iter()
-                        .zip(&kept)
-                        .map(|(s, m)| s[end + k] / m)
-                        .sum();
+                    entry.1 = imp.heads().zip(&kept).map(|(s, m)| s[end + k] / m).sum();
                 }
             }
             i += b;
@@ -1013,7 +1009,7 @@ impl Compressor {
             let (head, tail) = tokens.split_at(n - w);
             if rows == Some(ScoreRows::All) {
                 let leaders = self.leader_flags(ctx);
-                ctx.importance_begin(&leaders, ScoreRows::All, ScoreReduce::Sum);
+                ctx.importance_begin(&leaders, ScoreRows::All, ScoreReduce::Sum)?;
             }
             let decoded = if head.is_empty() {
                 Ok(())
@@ -1063,7 +1059,7 @@ impl Compressor {
         head: &[Token],
     ) -> Result<Vec<LayerImportance>, CompressError> {
         let leaders = self.leader_flags(ctx);
-        ctx.importance_begin(&leaders, ScoreRows::All, ScoreReduce::Sum);
+        ctx.importance_begin(&leaders, ScoreRows::All, ScoreReduce::Sum)?;
         let decoded = ctx.decode_tokens(head, 0, self.seq, false);
         ctx.importance_end();
         decoded?;
@@ -1228,12 +1224,12 @@ impl Compressor {
         match rows {
             Some(ScoreRows::Last(_)) => {
                 let leaders = self.leader_flags(ctx);
-                ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), ScoreReduce::Sum);
+                ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), ScoreReduce::Sum)?;
             }
             // Every query scores: the head's share comes from `prior`.
             Some(ScoreRows::All) if prior.is_some() => {
                 let leaders = self.leader_flags(ctx);
-                ctx.importance_begin(&leaders, ScoreRows::All, ScoreReduce::Sum);
+                ctx.importance_begin(&leaders, ScoreRows::All, ScoreReduce::Sum)?;
             }
             _ => {}
         }
@@ -1426,9 +1422,7 @@ impl Compressor {
                         let score = |c: usize| {
                             importance
                                 .get(group_of[l])
-                                .and_then(|imp| imp.per_head.get(h))
-                                .and_then(|s| s.get(c))
-                                .copied()
+                                .and_then(|imp| imp.get(h, c))
                                 .unwrap_or(0.0)
                         };
                         (0..meta.len())
@@ -1584,10 +1578,11 @@ impl Compressor {
             // Heads holding the same positions (always, for ChunkKV) share one ordering.
             if h > 0 && self.slots.heads_agree(leader, 0, h) {
                 let first = &heads[0];
+                let s = imp.map(|imp| imp.head(h));
                 let score = first
                     .cell
                     .iter()
-                    .map(|&c| imp.map_or(0.0, |imp| imp.per_head[h][c]))
+                    .map(|&c| s.map_or(0.0, |s| s[c]))
                     .collect();
                 heads.push(HeadCandidates {
                     score,
@@ -1595,6 +1590,7 @@ impl Compressor {
                 });
                 continue;
             }
+            let s = imp.map(|imp| imp.head(h));
             heads.push({
                 let mut items: Vec<(Pos, usize)> = cells
                     .iter()
@@ -1634,7 +1630,7 @@ impl Compressor {
                     pos.push(p);
                     cell.push(c);
                     chunk.push(id);
-                    score.push(imp.map_or(0.0, |imp| imp.per_head[h][c]));
+                    score.push(s.map_or(0.0, |s| s[c]));
                 }
                 HeadCandidates {
                     pos: pos.into(),

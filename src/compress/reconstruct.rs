@@ -117,7 +117,7 @@ impl Reconstruction {
         let size = self.chunk.min(free - overhead).min(tokens.len()).max(1);
         let at: Pos = ctx.seq_pos_max(seq).map_or(0, |p| p + 1);
         let rows = rows_per_call(ctx, used + overhead + size);
-        ctx.importance_begin(layers, ScoreRows::All, ScoreReduce::Max);
+        ctx.importance_begin(layers, ScoreRows::All, ScoreReduce::Max)?;
         let result = (|| {
             for i in 0..tokens.len().div_ceil(size) {
                 let input = self.input(tokens, size, i);

@@ -7,8 +7,8 @@ use std::str::FromStr;
 use super::batch::Batch;
 use super::error::{ContextError, DecodeError, StateError};
 use super::kv::{
-    CompactError, DeadSlots, KvLayerLayout, KvPart, KvStats, LayerImportance, RowsError,
-    ScoreReduce, ScoreRows,
+    CompactError, DeadSlots, ImportanceAllocError, KvLayerLayout, KvPart, KvStats, LayerImportance,
+    RowsError, ScoreReduce, ScoreRows,
 };
 use super::model::{Model, Token};
 use crate::sys;
@@ -705,15 +705,21 @@ impl<'m> Context<'m> {
 
     /// Makes the following decodes also compute attention importance for
     /// the model layers flagged in `layers` (patches 0002, 0005), combined by
-    /// `reduce`. Clears earlier scores.
-    pub fn importance_begin(&mut self, layers: &[bool], rows: ScoreRows, reduce: ScoreReduce) {
+    /// `reduce`. Clears earlier scores. The sums are kept on the device of
+    /// each layer's cache; the first call allocates them there (patch 0008).
+    pub fn importance_begin(
+        &mut self,
+        layers: &[bool],
+        rows: ScoreRows,
+        reduce: ScoreReduce,
+    ) -> Result<(), ImportanceAllocError> {
         let flags: Vec<u8> = layers.iter().map(|&b| b as u8).collect();
         let n_window = match rows {
             ScoreRows::Last(n) => n.max(1) as i32,
             ScoreRows::All => 0,
         };
         // SAFETY: flags outlives the call (llama.cpp copies it).
-        unsafe {
+        let code = unsafe {
             sys::llama_kv_importance_clear(self.ptr.as_ptr());
             sys::llama_kv_importance_set_reduce(
                 self.ptr.as_ptr(),
@@ -727,8 +733,12 @@ impl<'m> Context<'m> {
                 flags.as_ptr(),
                 flags.len() as i32,
                 n_window,
-            );
+            )
+        };
+        if code == -2 {
+            return Err(ImportanceAllocError);
         }
+        Ok(())
     }
 
     /// Stops computing importance; the sums stay readable.
@@ -756,10 +766,7 @@ impl<'m> Context<'m> {
         if n < 0 {
             return None;
         }
-        Some(LayerImportance {
-            layer: il,
-            per_head: buf.chunks(n_ctx).map(<[f32]>::to_vec).collect(),
-        })
+        Some(LayerImportance::new(il, n_ctx, buf))
     }
 
     /// Moves kept cells to slots `0..n_keep` on the device (patch 0003).

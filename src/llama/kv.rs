@@ -78,24 +78,82 @@ pub enum ScoreReduce {
     Max,
 }
 
-/// Attention importance of one model layer, by cell: `per_head[h][cell]`.
+/// Attention importance of one model layer, head-major: head `h`'s score of
+/// cell `c` at `h * n_cells + c`, as llama.cpp returns it (one flat buffer,
+/// so reading a layer back is one copy).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerImportance {
     pub layer: u32,
-    pub per_head: Vec<Vec<f32>>,
+    scores: Vec<f32>,
+    n_cells: usize,
 }
 
 impl LayerImportance {
+    /// Scores of `n_heads` heads over `n_cells` cells, head-major.
+    ///
+    /// # Panics
+    /// If `scores` does not hold a whole number of heads of `n_cells`.
+    pub fn new(layer: u32, n_cells: usize, scores: Vec<f32>) -> Self {
+        assert!(
+            scores.len() % n_cells.max(1) == 0,
+            "{} scores are not whole heads of {n_cells} cells",
+            scores.len()
+        );
+        LayerImportance {
+            layer,
+            scores,
+            n_cells,
+        }
+    }
+
+    /// From one score vector per head (all of one length).
+    pub fn from_heads(layer: u32, heads: Vec<Vec<f32>>) -> Self {
+        let n_cells = heads.first().map_or(0, Vec::len);
+        assert!(
+            heads.iter().all(|h| h.len() == n_cells),
+            "heads differ in length"
+        );
+        LayerImportance::new(layer, n_cells, heads.concat())
+    }
+
+    pub fn n_heads(&self) -> usize {
+        self.scores.len() / self.n_cells.max(1)
+    }
+
+    /// Head `h`'s scores by cell.
+    pub fn head(&self, h: usize) -> &[f32] {
+        &self.scores[h * self.n_cells..(h + 1) * self.n_cells]
+    }
+
+    /// Head `h`'s score of cell `c`, if both exist.
+    pub fn get(&self, h: usize, c: usize) -> Option<f32> {
+        (c < self.n_cells)
+            .then(|| self.scores.get(h * self.n_cells + c).copied())
+            .flatten()
+    }
+
+    pub fn heads(&self) -> impl Iterator<Item = &[f32]> {
+        self.scores.chunks_exact(self.n_cells.max(1))
+    }
+
     /// Adds `other`'s scores head by head and cell by cell (scores from
     /// several passes or several layers of one reuse group).
     pub fn add(&mut self, other: &LayerImportance) {
-        for (acc, h) in self.per_head.iter_mut().zip(&other.per_head) {
-            for (a, x) in acc.iter_mut().zip(h) {
+        let n = self.n_cells.min(other.n_cells);
+        for h in 0..self.n_heads().min(other.n_heads()) {
+            let acc = &mut self.scores[h * self.n_cells..h * self.n_cells + n];
+            for (a, x) in acc.iter_mut().zip(&other.head(h)[..n]) {
                 *a += x;
             }
         }
     }
 }
+
+/// The device of a scored layer's cache has no room for its importance sums
+/// (`n_ctx` × KV heads floats per scored layer, patch 0008).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("out of device memory for the attention-importance sums")]
+pub struct ImportanceAllocError;
 
 /// Failure of an on-device compaction (codes of `llama_kv_compact`).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
