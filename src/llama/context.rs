@@ -486,6 +486,13 @@ impl<'m> Context<'m> {
         DecodeError::from_code(code, self.n_ctx)
     }
 
+    /// Waits until the device has finished the work queued so far (a decode
+    /// may return before an accelerator is done).
+    pub fn synchronize(&mut self) {
+        // SAFETY: valid context.
+        unsafe { sys::llama_synchronize(self.ptr.as_ptr()) };
+    }
+
     /// Feeds `tokens` to sequence `seq` at positions `start..`, in batches of
     /// at most `n_batch`, and asks for logits of the last token only when
     /// `logits_last`. Refuses up front if the tokens cannot fit.
