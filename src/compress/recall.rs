@@ -347,7 +347,7 @@ impl RecallStore {
         let group = if self.disk.is_some() {
             1
         } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            rayon::current_num_threads()
         };
         let layers: Vec<usize> = (0..picks.len()).collect();
         for chunk in layers.chunks(group) {
@@ -364,17 +364,11 @@ impl RecallStore {
                     })
                     .collect()
             } else {
-                let this = &*self;
-                std::thread::scope(|sc| {
-                    let handles: Vec<_> = chunk
-                        .iter()
-                        .map(|&l| sc.spawn(move || this.gather_host(l, &picks[l])))
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                        .collect()
-                })
+                use rayon::prelude::*;
+                chunk
+                    .par_iter()
+                    .map(|&l| self.gather_host(l, &picks[l]))
+                    .collect()
             };
             for (&l, buf) in chunk.iter().zip(bufs) {
                 let (k, v) = buf?;
