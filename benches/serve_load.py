@@ -64,10 +64,27 @@ class Stats:
         self.served = 0
         self.recalled = 0
         self.answers = []
+        # (first token, last token) of every reply, and its tokens after the first
+        self.decode_spans = []
+        self.decode_tokens = 0
+
+
+def union_length(spans):
+    """Seconds covered by at least one of the (start, end) spans."""
+    total, end = 0.0, None
+    for a, b in sorted(spans):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
 
 
 def stream_chat(url, messages, max_tokens, extra, timeout):
-    """One streamed chat request: (status, text, ttft_s, gaps_s, completion_tokens)."""
+    """One streamed chat request: (status, text, ttft_s, gaps_s, completion_tokens, span),
+    span being the (first, last) token times on the perf_counter clock."""
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
@@ -78,7 +95,7 @@ def stream_chat(url, messages, max_tokens, extra, timeout):
     if resp.status != 200:
         err = resp.read().decode(errors="replace")
         conn.close()
-        return resp.status, err, None, [], 0
+        return resp.status, err, None, [], 0, None
     text, first, last, gaps, usage = [], None, None, [], 0
     for raw in resp:
         line = raw.decode().strip()
@@ -90,7 +107,7 @@ def stream_chat(url, messages, max_tokens, extra, timeout):
         ev = json.loads(data)
         if "error" in ev:
             conn.close()
-            return 500, ev["error"]["message"], None, [], 0
+            return 500, ev["error"]["message"], None, [], 0, None
         if ev.get("usage"):
             usage = ev["usage"]["completion_tokens"]
         piece = ev["choices"][0]["delta"].get("content") if ev.get("choices") else None
@@ -103,7 +120,8 @@ def stream_chat(url, messages, max_tokens, extra, timeout):
             last = now
             text.append(piece)
     conn.close()
-    return 200, "".join(text), first, gaps, usage
+    span = (t0 + first, last) if first is not None else None
+    return 200, "".join(text), first, gaps, usage, span
 
 
 def conversation(args, i, doc, code, stats):
@@ -121,7 +139,7 @@ def conversation(args, i, doc, code, stats):
     messages = []
     for k, turn in enumerate(turns):
         messages.append({"role": "user", "content": turn})
-        status, text, ttft, gaps, n = stream_chat(args.url, messages, args.max_tokens, extra, args.timeout)
+        status, text, ttft, gaps, n, span = stream_chat(args.url, messages, args.max_tokens, extra, args.timeout)
         with stats.lock:
             if status != 200:
                 stats.refused[status] = stats.refused.get(status, 0) + 1
@@ -131,6 +149,9 @@ def conversation(args, i, doc, code, stats):
                 stats.ttft.append(ttft)
             stats.gaps.extend(gaps)
             stats.tokens += n
+            if span is not None:
+                stats.decode_spans.append(span)
+                stats.decode_tokens += max(n - 1, 0)
         messages.append({"role": "assistant", "content": text})
     with stats.lock:
         stats.served += 1
@@ -154,8 +175,8 @@ def metrics(url):
 
 
 HEADER = (
-    "| server | conversations | served | refused | recalled | agg. tok/s | TTFT p50 / p99 (s) "
-    "| per-token p50 / p99 (ms) | peak KV cells in one slot |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| server | conversations | served | refused | recalled | agg. tok/s | decode tok/s | TTFT p50 / p99 (s) "
+    "| per-token p50 / p99 (ms) | peak KV cells in one slot |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -224,6 +245,9 @@ def main():
         "wall_s": wall,
         "tokens": stats.tokens,
         "agg_tok_s": stats.tokens / wall,
+        # Aggregate decode throughput: tokens after each reply's first, over the
+        # time at least one reply was streaming (prefill before a first token is not in it).
+        "decode_tok_s": stats.decode_tokens / max(union_length(stats.decode_spans), 1e-9),
         "ttft_p50_s": percentile(stats.ttft, 50),
         "ttft_p99_s": percentile(stats.ttft, 99),
         "token_p50_ms": percentile(stats.gaps, 50) * 1e3,
@@ -236,7 +260,7 @@ def main():
         print(HEADER)
     print(
         f"| {args.label} | {args.conversations} | {stats.served} | {refused} | {stats.recalled}/{stats.served} "
-        f"| {row['agg_tok_s']:.1f} | {row['ttft_p50_s']:.2f} / {row['ttft_p99_s']:.2f} "
+        f"| {row['agg_tok_s']:.1f} | {row['decode_tok_s']:.1f} | {row['ttft_p50_s']:.2f} / {row['ttft_p99_s']:.2f} "
         f"| {row['token_p50_ms']:.0f} / {row['token_p99_ms']:.0f} | {peak['cells']:.0f} |"
     )
     if args.json_out:

@@ -483,3 +483,64 @@ fn a_slot_with_recall_brings_an_evicted_fact_back_for_the_question() {
     }
     assert!(answer.contains("7319"), "{answer}\n{}", server.log());
 }
+
+/// A prompt several times its slot goes in chunks beside the other slot's
+/// work and is compressed each time the slot fills: about one compression per
+/// slot of text (the segment-per-step path compressed every half slot).
+#[test]
+fn a_prompt_longer_than_its_slot_is_compressed_as_it_fills_while_the_other_slot_answers() {
+    let server = Server::start(
+        "smollm2-135m",
+        &[
+            "-c",
+            "2048",
+            "-np",
+            "2",
+            "--kv-budget",
+            "10%",
+            "--kv-score",
+            "window",
+        ],
+    );
+    let long = chat_body(
+        &format!("Here is a text. {}\nWhat is it about?", essays(20000)),
+        8,
+    )
+    .to_string();
+    let url = server.url("/v1/chat/completions");
+    let started = Instant::now();
+    let long_req = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let r = curl(&["-H", "content-type: application/json", "-d", &long, &url]);
+            (r, started.elapsed())
+        })
+    };
+    // The short request goes in once the long one holds its slot.
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, body) = post(
+        &server,
+        "/v1/chat/completions",
+        &chat_body("Say hi.", 8),
+        &[],
+    );
+    let short_done = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    let ((status, body), long_done) = long_req.join().unwrap();
+    assert_eq!(status, 200, "{body}\n{}", server.log());
+    let prompt = json(&body)["usage"]["prompt_tokens"].as_u64().unwrap() as f64;
+    assert!(
+        prompt > 4.0 * 1024.0,
+        "the prompt should be 4 slots: {prompt}"
+    );
+    assert!(
+        short_done < long_done,
+        "the short request waited for the long one: {short_done:?} vs {long_done:?}"
+    );
+    let compressions = metric(&server, "chunkkv_compressions_total");
+    assert!(
+        compressions >= 3.0 && compressions < prompt / 512.0,
+        "{compressions} compressions for {prompt} prompt tokens in a 1024-cell slot\n{}",
+        server.log()
+    );
+}

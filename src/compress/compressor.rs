@@ -755,6 +755,11 @@ impl Compressor {
         self.window
     }
 
+    /// Whether the policy always scores by reconstruction (`kvzip`).
+    pub fn needs_reconstruction(&self) -> bool {
+        self.policy.needs_reconstruction()
+    }
+
     /// Whether the policy ranks by attention scores (StreamingLLM and random do not).
     pub fn has_scores(&self) -> bool {
         self.policy.score_rows().is_some()

@@ -102,38 +102,30 @@ pub fn feed(
                 recent: false,
             });
         }
-        let total = cursor.prefilled + seg;
-        // The window (the latest tokens, which score the rest) is always kept whole.
-        let wanted = budget
-            .cells_for(total)
-            .max(seg.min(compressor.window()))
-            .max(1);
         // Room the rest of the text and what follows it need after this segment.
         let room = if i + seg == n {
             reserve
         } else {
             (n - i - seg + reserve).min(n_ctx / 2)
         };
-        let n_keep = wanted.min(n_ctx.saturating_sub(room));
-        let harder = n_keep < wanted;
-        let text_in_cache = (cursor.next_pos - text_start) as usize + seg;
-        let keep = Keep {
-            from: if harder && text_in_cache < n_keep {
-                text_start
-            } else {
-                Pos::MAX
-            },
-            history: !harder,
-            short: true,
+        let (n_keep, keep) = segment_keep(SegmentAt {
+            n_ctx,
+            budget,
+            window: compressor.window(),
+            seg,
+            total: cursor.prefilled + seg,
+            room,
+            text_start,
+            text_in_cache: (cursor.next_pos - text_start) as usize + seg,
             // Only the last segment of a turn's text recalls (a server feeds a
             // long prompt a part per step); earlier ones are a document's middle.
             recall: ends_turn && i + seg == n,
-        };
+        });
         let done = compressor.prefill_turn(
             ctx,
             &tokens[i..i + seg],
             cursor.next_pos,
-            n_keep.max(1),
+            n_keep,
             keep,
             seg_scorer,
             budget.json(),
@@ -165,4 +157,50 @@ pub fn feed(
         }
     }
     Ok(())
+}
+
+/// Where one segment's compression stands (see [`segment_keep`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SegmentAt {
+    /// Cells of the sequence's stream.
+    pub n_ctx: usize,
+    pub budget: Budget,
+    pub window: usize,
+    /// Tokens of this segment (decoded by the compression call).
+    pub seg: usize,
+    /// Tokens prefilled once the segment is in.
+    pub total: usize,
+    /// Cells to leave free afterwards: what follows the text (a reply), and
+    /// while text remains, what it needs (callers cap that at half the cells).
+    pub room: usize,
+    /// Where the current text starts, and how much of it is in the cache with the segment.
+    pub text_start: Pos,
+    pub text_in_cache: usize,
+    /// Whether this compression may recall evicted chunks (a turn's end).
+    pub recall: bool,
+}
+
+/// How many cells one segment's compression keeps, and what: the budget of
+/// everything prefilled (the segment's window whole), unless `room` must stay
+/// free; then history is re-ranked too and the current text kept whole if it
+/// fits.
+pub fn segment_keep(at: SegmentAt) -> (usize, Keep) {
+    let wanted = at
+        .budget
+        .cells_for(at.total)
+        .max(at.seg.min(at.window))
+        .max(1);
+    let n_keep = wanted.min(at.n_ctx.saturating_sub(at.room)).max(1);
+    let harder = n_keep < wanted;
+    let keep = Keep {
+        from: if harder && at.text_in_cache < n_keep {
+            at.text_start
+        } else {
+            Pos::MAX
+        },
+        history: !harder,
+        short: true,
+        recall: at.recall,
+    };
+    (n_keep, keep)
 }

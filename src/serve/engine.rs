@@ -7,7 +7,11 @@
 //! observation window) are decoded on their own with importance on and the
 //! slot is compressed right there, as `chat` compresses a turn: that is the
 //! longest any slot waits for another. A prompt longer than the slot's free
-//! cells goes through the segmented prefill of `compress::stream` at once.
+//! cells goes in the same chunks, and whenever the slot runs out of cells its
+//! next `w` tokens score it and it is compressed to its budget (one
+//! compression per fill, not per chunk). Only a prompt scored by
+//! reconstruction goes through the segmented prefill of `compress::stream`,
+//! a segment per step.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +32,10 @@ use crate::llama::{
 
 /// Prompt tokens of one slot per step, beside the other slots' decode tokens.
 pub const PREFILL_CHUNK: usize = 256;
+
+/// A prompt longer than its slot's free cells is compressed rather than fed
+/// in chunks smaller than this (unless that is all that is left of it).
+const MIN_CHUNK: usize = 64;
 
 /// New prompt tokens from which `auto` scoring treats a prompt as a document
 /// and scores it by reconstruction (its questions may come in later turns,
@@ -127,9 +135,13 @@ struct Work {
     start: Pos,
     /// Score this prompt by reconstruction rather than by its window.
     reconstruct: bool,
-    /// Longer than the slot's free cells: prefilled a segment per step,
-    /// each compressed before the next (`compress::stream`).
+    /// Longer than the slot's free cells and scored by reconstruction:
+    /// prefilled a segment per step, each compressed before the next
+    /// (`compress::stream`).
     segmented: bool,
+    /// Longer than the slot's free cells and scored by windows: prefilled in
+    /// chunks, compressed whenever the free cells run out.
+    chunked: bool,
     done: usize,
     window: usize,
     /// The rendered text once the prompt is in the cache.
@@ -437,6 +449,7 @@ fn start(
         start: slot.cursor.next_pos,
         reconstruct,
         segmented: false,
+        chunked: false,
         pending: tokens,
         done: 0,
         window,
@@ -464,8 +477,9 @@ fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &
             batch.push(tok, s.cursor.next_pos, s.seq, true);
         }
     }
-    // One prefilling slot adds a chunk of its prompt (all but its window),
-    // or, when the prompt is longer than its free cells, a segment after the batch.
+    // One prefilling slot adds a chunk of its prompt (all but its window); a
+    // prompt longer than its free cells is compressed after the batch when
+    // the chunk would not fit (or, scored by reconstruction, takes a segment).
     let prefilling = slots.iter().position(|s| {
         s.work.as_ref().is_some_and(|w| {
             w.next.is_none()
@@ -478,9 +492,14 @@ fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &
     });
     let mut chunk = None;
     let mut segment = None;
+    let mut squeeze = None;
     if let Some(i) = prefilling {
         let s = &mut slots[i];
         let free = ctx.seq_capacity().saturating_sub(ctx.seq_used(s.seq));
+        let by_window = s
+            .compressor
+            .as_ref()
+            .is_some_and(|c| !c.needs_reconstruction());
         let w = s.work.as_mut().expect("prefilling slot has work");
         let head = w.pending.len() - w.window;
         // Reconstruction decodes its prompts and a chunk (64 tokens at least) on top.
@@ -489,15 +508,30 @@ fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &
             _ => 0,
         };
         let fits = w.pending.len() - w.done + w.job.max_tokens + room < free;
-        if !w.segmented && (fits || w.budget.is_none()) {
-            let n = (head - w.done).min(PREFILL_CHUNK);
-            for (k, &t) in w.pending[w.done..w.done + n].iter().enumerate() {
-                batch.push(t, s.cursor.next_pos + k as Pos, s.seq, false);
+        if !fits && !w.segmented && !w.chunked && w.budget.is_some() {
+            if w.reconstruct || !by_window {
+                w.segmented = true;
+            } else {
+                w.chunked = true;
             }
-            chunk = Some((i, n));
-        } else {
-            w.segmented = true;
+        }
+        if w.segmented {
             segment = Some(i);
+        } else {
+            let left = head - w.done;
+            let mut n = left.min(PREFILL_CHUNK);
+            if w.chunked && !fits {
+                // Cells stay free for the window that scores the next compression.
+                n = n.min(free.saturating_sub(w.window + 1));
+            }
+            if n > 0 && n >= left.min(MIN_CHUNK) {
+                for (k, &t) in w.pending[w.done..w.done + n].iter().enumerate() {
+                    batch.push(t, s.cursor.next_pos + k as Pos, s.seq, false);
+                }
+                chunk = Some((i, n));
+            } else {
+                squeeze = Some(i);
+            }
         }
     }
     if !batch.is_empty() {
@@ -526,6 +560,11 @@ fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &
     // A prompt that does not fit the free cells: one segment, compressed.
     if let Some(i) = segment {
         prefill_segment(ctx, &mut slots[i], metrics);
+        return;
+    }
+    // A chunked prompt that filled its slot: its next tokens score, then compaction.
+    if let Some(i) = squeeze {
+        squeeze_slot(ctx, &mut slots[i], metrics);
         return;
     }
     // A slot whose head is in: its window, scored, then compaction (alone).
@@ -592,6 +631,63 @@ fn compress_window(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
     s.cursor.next_pos += tail.len() as Pos;
     s.cursor.prefilled += tail.len();
     sample(ctx, s, -1, metrics);
+}
+
+/// A chunked prompt's slot is full: its next `w` tokens are decoded with
+/// importance and the slot is compressed to the budget of everything
+/// prefilled (query-agnostic: the rest of the prompt, and its question, are
+/// still to come), leaving room for the rest where the budget allows.
+fn squeeze_slot(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
+    let Some(w) = s.work.as_mut() else { return };
+    let (Some(budget), Some(c)) = (w.budget, s.compressor.as_mut()) else {
+        return;
+    };
+    let n_ctx = ctx.seq_capacity();
+    let head = w.pending.len() - w.window;
+    let k = c.window().min(head - w.done).max(1);
+    let tail = w.pending[w.done..w.done + k].to_vec();
+    let rest = w.pending.len() - w.done - k;
+    let (n_keep, keep) = stream::segment_keep(stream::SegmentAt {
+        n_ctx,
+        budget,
+        window: c.window(),
+        seg: k,
+        total: s.cursor.prefilled + k,
+        room: (rest + w.job.max_tokens + 1).min(n_ctx / 2),
+        text_start: w.start,
+        text_in_cache: (s.cursor.next_pos - w.start) as usize + k,
+        recall: false,
+    });
+    let done = c.prefill_turn(
+        ctx,
+        &tail,
+        s.cursor.next_pos,
+        n_keep,
+        keep,
+        Scorer::Window,
+        budget.json(),
+    );
+    match done {
+        Ok(done) if done.compressed => {
+            s.cursor.compressions += 1;
+            metrics.compressions.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            fail(ctx, s, ApiError::server(e.to_string()));
+            return;
+        }
+    }
+    w.done += k;
+    s.cursor.next_pos += k as Pos;
+    s.cursor.prefilled += k;
+    let free = n_ctx.saturating_sub(ctx.seq_used(s.seq));
+    if free <= w.window + 1 {
+        let msg = format!(
+            "the prompt does not fit its slot even compressed: {free} of {n_ctx} cells are free"
+        );
+        fail(ctx, s, ApiError::context_length(msg));
+    }
 }
 
 /// One segment of a prompt longer than the slot's free cells, through
