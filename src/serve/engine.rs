@@ -135,13 +135,8 @@ struct Work {
     start: Pos,
     /// Score this prompt by reconstruction rather than by its window.
     reconstruct: bool,
-    /// Longer than the slot's free cells and scored by reconstruction:
-    /// prefilled a segment per step, each compressed before the next
-    /// (`compress::stream`).
-    segmented: bool,
-    /// Longer than the slot's free cells and scored by windows: prefilled in
-    /// chunks, compressed whenever the free cells run out.
-    chunked: bool,
+    /// How the prompt goes in (decided when it first does not fit).
+    fill: Fill,
     done: usize,
     window: usize,
     /// The rendered text once the prompt is in the cache.
@@ -156,6 +151,19 @@ struct Work {
     decoded: Vec<Token>,
     /// The token to decode next (sampled, not yet in the cache).
     next: Option<Token>,
+}
+
+/// How a prompt enters its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// In chunks beside the other slots, compressed once its window is in.
+    Fits,
+    /// Longer than the slot's free cells and scored by windows: in chunks,
+    /// compressed whenever the free cells run out.
+    Chunked,
+    /// Longer than the slot's free cells and scored by reconstruction: a
+    /// segment per step, each compressed before the next (`compress::stream`).
+    Segmented,
 }
 
 impl Slot {
@@ -448,8 +456,7 @@ fn start(
         budget: compress.then_some(budget),
         start: slot.cursor.next_pos,
         reconstruct,
-        segmented: false,
-        chunked: false,
+        fill: Fill::Fits,
         pending: tokens,
         done: 0,
         window,
@@ -483,7 +490,7 @@ fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &
     let prefilling = slots.iter().position(|s| {
         s.work.as_ref().is_some_and(|w| {
             w.next.is_none()
-                && if w.segmented {
+                && if w.fill == Fill::Segmented {
                     w.done < w.pending.len()
                 } else {
                     w.done + w.window < w.pending.len()
@@ -508,19 +515,19 @@ fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &
             _ => 0,
         };
         let fits = w.pending.len() - w.done + w.job.max_tokens + room < free;
-        if !fits && !w.segmented && !w.chunked && w.budget.is_some() {
-            if w.reconstruct || !by_window {
-                w.segmented = true;
+        if !fits && w.fill == Fill::Fits && w.budget.is_some() {
+            w.fill = if w.reconstruct || !by_window {
+                Fill::Segmented
             } else {
-                w.chunked = true;
-            }
+                Fill::Chunked
+            };
         }
-        if w.segmented {
+        if w.fill == Fill::Segmented {
             segment = Some(i);
         } else {
             let left = head - w.done;
             let mut n = left.min(PREFILL_CHUNK);
-            if w.chunked && !fits {
+            if w.fill == Fill::Chunked && !fits {
                 // Cells stay free for the window that scores the next compression.
                 n = n.min(free.saturating_sub(w.window + 1));
             }
@@ -570,7 +577,7 @@ fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &
     // A slot whose head is in: its window, scored, then compaction (alone).
     if let Some(i) = slots.iter().position(|s| {
         s.work.as_ref().is_some_and(|w| {
-            w.next.is_none() && !w.segmented && w.done + w.window >= w.pending.len()
+            w.next.is_none() && w.fill != Fill::Segmented && w.done + w.window >= w.pending.len()
         })
     }) {
         compress_window(ctx, &mut slots[i], metrics);
