@@ -24,7 +24,13 @@ use crate::llama::Model;
 
 /// How long in-flight requests may run on after SIGTERM before the engine
 /// cuts them (each then ends with `finish_reason: "stop"`).
-const GRACE: Duration = Duration::from_secs(8);
+const GRACE: Duration = Duration::from_secs(6);
+
+/// After a cut: how long the engine may take to end the requests (it notices
+/// between steps, which a loaded machine makes slow), then how long their
+/// streams get to flush. With `GRACE`, 10 s in all.
+const CUT: Duration = Duration::from_millis(2500);
+const FLUSH: Duration = Duration::from_millis(1500);
 
 /// What `serve` needs beside the engine's settings.
 #[derive(Debug, Clone)]
@@ -133,17 +139,20 @@ async fn serve(
     eprintln!("chunkkv serve: shutting down");
     shutting.store(true, Ordering::Relaxed);
     signalled.notify_one();
-    // Running requests finish within the grace period or are cut by the engine.
-    let drained = async {
+    // Running requests finish within the grace period or are cut by the engine;
+    // either way the engine has ended them (their last events are sent)
+    // before the server gets its time to flush the streams.
+    let drained = || async {
         while state.admitted.load(Ordering::Relaxed) > 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    if tokio::time::timeout(GRACE, drained).await.is_err() {
+    if tokio::time::timeout(GRACE, drained()).await.is_err() {
         eprintln!("chunkkv serve: cutting the requests still running");
         stop.store(true, Ordering::Relaxed);
+        let _ = tokio::time::timeout(CUT, drained()).await;
     }
-    match tokio::time::timeout(Duration::from_secs(2), &mut server).await {
+    match tokio::time::timeout(FLUSH, &mut server).await {
         Ok(r) => r.context("the server failed"),
         Err(_) => Ok(()),
     }
