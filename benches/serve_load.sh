@@ -6,7 +6,9 @@
 # conversation without a slot is refused and counted).
 # Usage: benches/serve_load.sh OUT_DIR
 #   env: CHUNKKV_BIN, MODEL, CTX, DOCS, N, NP_FULL, NP_COMPRESSED, BUDGETS ("20 10"), EXTRA
-#   (EXTRA goes to every server, e.g. "--kv-recall host -ngl 99")
+#   (EXTRA goes to every server, e.g. "--kv-recall host -ngl 99"), QUEUED=1 (the
+#   uncompressed server once more with a queue, so every conversation is answered:
+#   its recall over all N documents is the quality floor's reference)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: benches/serve_load.sh OUT_DIR}"
@@ -22,8 +24,8 @@ read -r -a extra <<< "${EXTRA:-}"
 read -r -a budgets <<< "${BUDGETS:-20 10}"
 
 run() {
-  local slug="$1" label="$2"; shift 2
-  "$bin" serve -m "$model" -c "$ctx" --port 0 --queue 0 "$@" "${extra[@]}" 2> "$out/$slug.server.log" &
+  local slug="$1" label="$2" queue="$3"; shift 3
+  "$bin" serve -m "$model" -c "$ctx" --port 0 --queue "$queue" "$@" "${extra[@]}" 2> "$out/$slug.server.log" &
   local pid=$! port=""
   for _ in $(seq 1 600); do
     port="$(sed -n 's/.*listening on http:\/\/127.0.0.1:\([0-9]*\).*/\1/p' "$out/$slug.server.log")"
@@ -41,10 +43,13 @@ run() {
 
 header="--header"
 : > "$out/table.md"
-run none "none, -np $np_full" --kv-method none -np "$np_full"
+run none "none, -np $np_full" 0 --kv-method none -np "$np_full"
 for b in "${budgets[@]}"; do
-  run "chunkkv-$b" "chunkkv $b%, -np $np_comp" --kv-method chunkkv --kv-budget "$b%" -np "$np_comp"
+  run "chunkkv-$b" "chunkkv $b%, -np $np_comp" 0 --kv-method chunkkv --kv-budget "$b%" -np "$np_comp"
 done
+if [ "${QUEUED:-0}" = 1 ]; then
+  run none-queued "none, -np $np_full, queued" "$n" --kv-method none -np "$np_full"
+fi
 {
   echo
   echo "model $model, -c $ctx, $n conversations, documents of $docs tokens, extra flags: ${EXTRA:-none}, $(date -u +%F)"

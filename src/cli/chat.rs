@@ -63,7 +63,7 @@ impl ChatArgs {
         CompressArgs {
             method,
             budget: self.budget.unwrap_or(Budget::Ratio(0.25)),
-            chunk: self.chunk.clone(),
+            chunk: self.chunk.for_conversation(),
             kv_seed: 1,
         }
     }
@@ -77,7 +77,7 @@ impl ChatArgs {
         if method != Method::Chunkkv {
             return None;
         }
-        let mut chunk = self.chunk.clone();
+        let mut chunk = self.chunk.for_conversation();
         chunk.chunk_by.get_or_insert(Chunking::Sentences);
         chunk.chunk_score.get_or_insert(ChunkScore::Mean);
         let shape = chunk.shape().ok()?;

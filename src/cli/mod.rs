@@ -298,6 +298,11 @@ pub struct ChunkArgs {
     /// Average-pool token scores with this kernel before chunking (0: off).
     #[arg(long = "kv-pool", default_value_t = 0)]
     pub pool: usize,
+    /// Carry each token's score to the next N positions before chunking, so
+    /// a fact's value stays with the key a question attends to (0: off)
+    /// [default: 0, the paper's ChunkKV; chat and serve: 8].
+    #[arg(long = "kv-trail")]
+    pub trail: Option<usize>,
     /// Where chunks begin: every --chunk-size tokens, or after each sentence
     /// end (split at twice --chunk-size) [default: tokens; chat documents: sentences].
     #[arg(long = "chunk-by", value_enum)]
@@ -311,7 +316,22 @@ pub struct ChunkArgs {
     pub score: Option<Scorer>,
 }
 
+/// The trail conversations get unless told otherwise: on Qwen2.5-0.5B
+/// (CPU, multi-key RULER at 4k, 10%, questions after the document was
+/// compressed, with recall) it lifted the score from 0.625 to 0.875, as
+/// fixed chunks no longer cut the number after its key.
+pub const CONVERSATION_TRAIL: usize = 8;
+
 impl ChunkArgs {
+    /// These flags with the defaults of a conversation (chat, serve): the
+    /// question comes after the compression, so scores trail.
+    pub fn for_conversation(&self) -> Self {
+        Self {
+            trail: Some(self.trail.unwrap_or(CONVERSATION_TRAIL)),
+            ..self.clone()
+        }
+    }
+
     /// ChunkKV's shape from these flags, refused when a size is 0.
     pub fn shape(&self) -> Result<ChunkKv, CompressError> {
         if self.reuse_layers == 0 {
@@ -325,6 +345,7 @@ impl ChunkArgs {
             chunk_score: self.chunk_score.unwrap_or_default(),
             pool: (self.pool > 1).then_some(self.pool),
             chunking: self.chunk_by.unwrap_or_default(),
+            trail: self.trail.unwrap_or(0),
         };
         shape.check()?;
         Ok(shape)

@@ -4,7 +4,7 @@
 
 use super::policy::{LayerCandidates, Policy};
 use super::CompressError;
-use crate::llama::ScoreRows;
+use crate::llama::{Pos, ScoreRows};
 
 /// How a chunk's score is formed from its tokens' scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -40,6 +40,11 @@ pub struct ChunkKv {
     /// Average-pool token scores with this odd kernel before chunking (kvpress: 5); None: off.
     pub pool: Option<usize>,
     pub chunking: Chunking,
+    /// A token scores at least what any of the `trail` positions before it
+    /// scored (0: off). A question attends to a fact's key ("the number for
+    /// marble"), not to the value that follows it, and fixed chunks cut the
+    /// value off.
+    pub trail: usize,
 }
 
 impl ChunkKv {
@@ -67,6 +72,7 @@ impl Default for ChunkKv {
             chunk_score: ChunkScore::Sum,
             pool: None,
             chunking: Chunking::Tokens,
+            trail: 0,
         }
     }
 }
@@ -81,6 +87,29 @@ pub fn avg_pool(x: &[f32], kernel: usize) -> Vec<f32> {
             x[lo..hi].iter().sum::<f32>() / (hi - lo) as f32
         })
         .collect()
+}
+
+/// Each score raised to the highest score of the positions up to `n` before
+/// it (`pos` ascending; gaps in positions count). One pass with a deque of
+/// falling maxima.
+pub fn trail_max(scores: &[f32], pos: &[Pos], n: usize) -> Vec<f32> {
+    debug_assert_eq!(scores.len(), pos.len());
+    let mut maxima: std::collections::VecDeque<usize> = Default::default();
+    let mut out = Vec::with_capacity(scores.len());
+    for (i, &s) in scores.iter().enumerate() {
+        while maxima.back().is_some_and(|&j| scores[j] <= s) {
+            maxima.pop_back();
+        }
+        maxima.push_back(i);
+        while maxima
+            .front()
+            .is_some_and(|&j| i64::from(pos[j]) + (n as i64) < i64::from(pos[i]))
+        {
+            maxima.pop_front();
+        }
+        out.push(maxima.front().map_or(s, |&j| scores[j]));
+    }
+    out
 }
 
 impl ChunkKv {
@@ -149,6 +178,10 @@ impl Policy for ChunkKv {
         self.chunking
     }
 
+    fn trail(&self) -> usize {
+        self.trail
+    }
+
     /// One set for all heads: token scores summed over KV heads.
     fn select(&self, layer: &LayerCandidates, n_select: usize) -> Vec<Vec<usize>> {
         let Some(first) = layer.heads.first() else {
@@ -163,6 +196,9 @@ impl Policy for ChunkKv {
             for (t, s) in total.iter_mut().zip(&head.score) {
                 *t += s;
             }
+        }
+        if self.trail > 0 {
+            total = trail_max(&total, &first.pos, self.trail);
         }
         let keep = self.select_tokens(&total, &first.chunk, n_select);
         vec![keep; layer.heads.len()]
@@ -218,6 +254,40 @@ mod tests {
         assert_eq!(
             ckv.select_tokens(&scores, &chunks_of(50, 10), 7),
             (43..50).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_trail_carries_a_score_forward_over_positions_not_indices() {
+        let s = [0., 5., 0., 0., 0., 1., 0.];
+        let p = [0, 1, 2, 3, 9, 10, 11];
+        assert_eq!(trail_max(&s, &p, 2), vec![0., 5., 5., 5., 0., 1., 1.]);
+        assert_eq!(trail_max(&s, &p, 0), s.to_vec());
+        // A falling run keeps its maxima in order.
+        let s = [4., 3., 2., 1., 0.];
+        let p = [0, 1, 2, 3, 4];
+        assert_eq!(trail_max(&s, &p, 1), vec![4., 4., 3., 2., 1.]);
+    }
+
+    #[test]
+    fn a_trail_keeps_the_value_after_its_key() {
+        // Chunks of 4; the key spikes at the end of chunk 1, the value fills chunk 2.
+        let mut scores = vec![0.1f32; 16];
+        scores[7] = 5.0;
+        let chunk = chunks_of(16, 4);
+        let pos: Vec<Pos> = (0..16).collect();
+        let plain = ChunkKv {
+            chunk_size: 4,
+            ..ChunkKv::default()
+        };
+        let trailed = trail_max(&scores, &pos, 4);
+        assert_eq!(
+            plain.select_tokens(&scores, &chunk, 8),
+            vec![0, 1, 2, 3, 4, 5, 6, 7]
+        );
+        assert_eq!(
+            plain.select_tokens(&trailed, &chunk, 8),
+            vec![4, 5, 6, 7, 8, 9, 10, 11]
         );
     }
 

@@ -455,7 +455,7 @@ impl Compressor {
             .into_iter()
             .map(|a| {
                 let mut p: Vec<Pos> = if a.len() > n {
-                    top_chunks(a, n, chunk)
+                    top_chunks(a, n, chunk, self.policy.trail())
                 } else {
                     a.into_iter().map(|(p, _)| p).collect()
                 };
@@ -1722,8 +1722,14 @@ fn stats(ctx: &Context<'_>, seq: SeqId) -> Result<crate::llama::KvStats, Compres
 }
 
 /// The `n` positions of the best chunks (`chunk` positions each, ranked by
-/// their summed scores), the last chunk cut to fit.
-fn top_chunks(rows: Vec<(Pos, f32)>, n: usize, chunk: Pos) -> Vec<Pos> {
+/// their summed scores after `trail`), the last chunk cut to fit.
+fn top_chunks(mut rows: Vec<(Pos, f32)>, n: usize, chunk: Pos, trail: usize) -> Vec<Pos> {
+    if trail > 0 {
+        rows.sort_unstable_by_key(|&(p, _)| p);
+        let (pos, score): (Vec<Pos>, Vec<f32>) = rows.iter().copied().unzip();
+        let carried = super::chunkkv::trail_max(&score, &pos, trail);
+        rows = pos.into_iter().zip(carried).collect();
+    }
     let mut chunks: BTreeMap<Pos, (f32, Vec<Pos>)> = BTreeMap::new();
     for (p, s) in rows {
         let e = chunks.entry(p / chunk).or_default();

@@ -76,6 +76,11 @@ pub trait Policy: Send + Sync {
         super::Chunking::Tokens
     }
 
+    /// How far a token's score carries to the positions after it (0: not at all).
+    fn trail(&self) -> usize {
+        0
+    }
+
     /// How many candidates each of `n_groups` scored layer groups (bottom
     /// first) selects when the mean is `n_select`; none may exceed `n_cand`.
     /// Uniform unless the policy budgets layers differently (PyramidKV).
