@@ -8,7 +8,8 @@
 #   env: CHUNKKV_BIN, MODEL, CTX, DOCS, N, NP_FULL, NP_COMPRESSED, BUDGETS ("20 10"), EXTRA
 #   (EXTRA goes to every server, e.g. "--kv-recall host -ngl 99"), QUEUED=1 (the
 #   uncompressed server once more with a queue, so every conversation is answered:
-#   its recall over all N documents is the quality floor's reference)
+#   its recall over all N documents is the quality floor's reference), NONE=0 (skip the
+#   uncompressed server)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: benches/serve_load.sh OUT_DIR}"
@@ -43,7 +44,9 @@ run() {
 
 header="--header"
 : > "$out/table.md"
-run none "none, -np $np_full" 0 --kv-method none -np "$np_full"
+if [ "${NONE:-1}" = 1 ]; then
+  run none "none, -np $np_full" 0 --kv-method none -np "$np_full"
+fi
 for b in "${budgets[@]}"; do
   run "chunkkv-$b" "chunkkv $b%, -np $np_comp" 0 --kv-method chunkkv --kv-budget "$b%" -np "$np_comp"
 done

@@ -63,7 +63,7 @@ impl ChatArgs {
         CompressArgs {
             method,
             budget: self.budget.unwrap_or(Budget::Ratio(0.25)),
-            chunk: self.chunk.for_conversation(),
+            chunk: self.chunk.clone(),
             kv_seed: 1,
         }
     }
@@ -77,7 +77,7 @@ impl ChatArgs {
         if method != Method::Chunkkv {
             return None;
         }
-        let mut chunk = self.chunk.for_conversation();
+        let mut chunk = self.chunk.clone();
         chunk.chunk_by.get_or_insert(Chunking::Sentences);
         chunk.chunk_score.get_or_insert(ChunkScore::Mean);
         let shape = chunk.shape().ok()?;
@@ -128,7 +128,8 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         (c, None) => c,
         (Some(c), Some(store)) if method == Method::Chunkkv => Some(
             c.with_recall(store)?
-                .with_recall_cells(args.recall.cells.unwrap_or(usize::MAX)),
+                .with_recall_cells(args.recall.cells.unwrap_or(usize::MAX))
+                .with_recall_probe(args.recall.probe),
         ),
         _ => {
             anyhow::bail!("--kv-recall brings back ChunkKV's chunks: it needs --kv-method chunkkv")

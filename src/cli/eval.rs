@@ -166,6 +166,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         methods,
         recall_dir: args.recall.dir(),
         recall_cells: args.recall.cells,
+        recall_probe: args.recall.probe,
         budgets: args.budgets.clone(),
         chunk,
         reuse: args.chunk.reuse_layers,

@@ -299,10 +299,10 @@ pub struct ChunkArgs {
     #[arg(long = "kv-pool", default_value_t = 0)]
     pub pool: usize,
     /// Carry each token's score to the next N positions before chunking, so
-    /// a fact's value stays with the key a question attends to (0: off)
-    /// [default: 0, the paper's ChunkKV; chat and serve: 8].
-    #[arg(long = "kv-trail")]
-    pub trail: Option<usize>,
+    /// a fact's value stays with the key a question attends to (0: off;
+    /// on the H200 recall grid it did not help: docs/results/eval-recall.md).
+    #[arg(long = "kv-trail", default_value_t = 0)]
+    pub trail: usize,
     /// Where chunks begin: every --chunk-size tokens, or after each sentence
     /// end (split at twice --chunk-size) [default: tokens; chat documents: sentences].
     #[arg(long = "chunk-by", value_enum)]
@@ -316,22 +316,7 @@ pub struct ChunkArgs {
     pub score: Option<Scorer>,
 }
 
-/// The trail conversations get unless told otherwise: on Qwen2.5-0.5B
-/// (CPU, multi-key RULER at 4k, 10%, questions after the document was
-/// compressed, with recall) it lifted the score from 0.625 to 0.875, as
-/// fixed chunks no longer cut the number after its key.
-pub const CONVERSATION_TRAIL: usize = 8;
-
 impl ChunkArgs {
-    /// These flags with the defaults of a conversation (chat, serve): the
-    /// question comes after the compression, so scores trail.
-    pub fn for_conversation(&self) -> Self {
-        Self {
-            trail: Some(self.trail.unwrap_or(CONVERSATION_TRAIL)),
-            ..self.clone()
-        }
-    }
-
     /// ChunkKV's shape from these flags, refused when a size is 0.
     pub fn shape(&self) -> Result<ChunkKv, CompressError> {
         if self.reuse_layers == 0 {
@@ -345,7 +330,7 @@ impl ChunkArgs {
             chunk_score: self.chunk_score.unwrap_or_default(),
             pool: (self.pool > 1).then_some(self.pool),
             chunking: self.chunk_by.unwrap_or_default(),
-            trail: self.trail.unwrap_or(0),
+            trail: self.trail,
         };
         shape.check()?;
         Ok(shape)
@@ -367,6 +352,11 @@ pub struct RecallArgs {
     /// device memory); more held rows are ranked in batches [default: all free cells].
     #[arg(long = "kv-recall-cells", value_name = "N")]
     pub cells: Option<usize>,
+    /// Reply tokens a recalling turn drafts greedily over the whole history
+    /// to score it (then drops) before its compaction: the answer attends to
+    /// the value it copies, the question only to the key (0: off).
+    #[arg(long = "kv-recall-probe", value_name = "N", default_value_t = 0)]
+    pub probe: usize,
 }
 
 impl RecallArgs {
@@ -467,6 +457,8 @@ mod tests {
             "mean",
             "--kv-pool",
             "5",
+            "--kv-trail",
+            "3",
         ];
         for cmd in [
             &["eval", "--tasks", "niah"][..],
@@ -485,8 +477,8 @@ mod tests {
             };
             let shape = chunk.shape().unwrap();
             assert_eq!(
-                (shape.chunk_size, shape.chunk_score, shape.pool),
-                (4, ChunkScore::Mean, Some(5)),
+                (shape.chunk_size, shape.chunk_score, shape.pool, shape.trail),
+                (4, ChunkScore::Mean, Some(5), 3),
                 "{cmd:?}"
             );
         }

@@ -62,7 +62,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.n_predict == 0 {
         anyhow::bail!("-n must be at least 1");
     }
-    let shape = args.chunk.for_conversation().shape()?;
+    let shape = args.chunk.shape()?;
     let path = crate::models::resolve(&args.model.model)?;
     let model_name = path.file_stem().map_or_else(
         || args.model.model.clone(),
@@ -86,6 +86,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             recall: args.recall.mode,
             recall_dir: args.recall.dir.clone(),
             recall_cells: args.recall.cells,
+            recall_probe: args.recall.probe,
         },
         queue: args.queue,
         api_key: args.api_key.clone(),

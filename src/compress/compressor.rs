@@ -20,7 +20,7 @@ use super::Chunking;
 use super::Scorer;
 use crate::llama::{
     CompactError, Context, DeadSlots, DecodeError, ImportanceAllocError, KvPart, LayerImportance,
-    Pos, ScoreReduce, ScoreRows, SeqId, Token,
+    Pos, Sampler, SamplingParams, ScoreReduce, ScoreRows, SeqId, Token,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +133,8 @@ pub struct Compressor {
     recalled_total: u64,
     /// Most cells one turn writes back at once (`--kv-recall-cells`).
     recall_cells: usize,
+    /// Reply tokens a recalling turn drafts to score its cache (`--kv-recall-probe`).
+    recall_probe: usize,
 }
 
 /// Rows uploaded for one turn's scoring, until its compaction.
@@ -296,6 +298,7 @@ impl Compressor {
             rank_bytes: 0,
             recalled_total: 0,
             recall_cells: usize::MAX,
+            recall_probe: 0,
         })
     }
 
@@ -319,6 +322,15 @@ impl Compressor {
     /// memory of recall); more held rows are then ranked in batches.
     pub fn with_recall_cells(mut self, cells: usize) -> Self {
         self.recall_cells = cells.max(1);
+        self
+    }
+
+    /// A recalling turn first drafts up to `n` reply tokens greedily over the
+    /// whole history, scoring with them, and drops them before compaction:
+    /// the reply is then decoded on the compacted cache. A question attends
+    /// to a fact's key; the answer, copying the value, attends to the value.
+    pub fn with_recall_probe(mut self, n: usize) -> Self {
+        self.recall_probe = n;
         self
     }
 
@@ -1238,9 +1250,19 @@ impl Compressor {
             }
             _ => {}
         }
-        let decoded = ctx.decode_tokens(tail, tail_start, self.seq, true);
+        let mut decoded = ctx.decode_tokens(tail, tail_start, self.seq, true);
+        let probing = self.recall_probe > 0 && self.recalling.is_some() && rows.is_some();
+        if probing && decoded.is_ok() {
+            decoded = self.draft_probe(ctx, tail_start + w as Pos);
+        }
         if rows.is_some() {
             ctx.importance_end();
+        }
+        // The drafted tokens leave whatever happened: the reply starts after the window.
+        if probing && !ctx.seq_rm(self.seq, tail_start + w as Pos, -1) {
+            return Err(CompressError::Unsupported(
+                "the drafted reply could not be removed".into(),
+            ));
         }
         decoded?;
         let t_read = Instant::now();
@@ -1264,6 +1286,21 @@ impl Compressor {
         };
         (ms.select, ms.compact) = self.select_and_compact(ctx, &importance, keep, n_keep)?;
         Ok((ms, full))
+    }
+
+    /// Greedy reply tokens from `at` on, one decode each, while importance
+    /// is on (each adds its row's attention), until `recall_probe` tokens or
+    /// the end of the reply.
+    fn draft_probe(&self, ctx: &mut Context<'_>, at: Pos) -> Result<(), DecodeError> {
+        let mut greedy = Sampler::new(&SamplingParams::greedy());
+        for k in 0..self.recall_probe {
+            let tok = greedy.sample(ctx, -1);
+            if ctx.model().is_eog(tok) {
+                break;
+            }
+            ctx.decode_tokens(&[tok], at + k as Pos, self.seq, true)?;
+        }
+        Ok(())
     }
 
     /// Reconstruction scores of the leader layers, `head` being the fresh

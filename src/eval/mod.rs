@@ -75,6 +75,8 @@ pub struct EvalConfig {
     pub recall_dir: Option<std::path::PathBuf>,
     /// `--kv-recall-cells`: most cells a question writes back at once.
     pub recall_cells: Option<usize>,
+    /// `--kv-recall-probe`: reply tokens drafted to score each question's recall.
+    pub recall_probe: usize,
 }
 
 impl EvalConfig {
@@ -367,6 +369,7 @@ fn run_prompt(
                     let store = RecallStore::new(ctx, SEQ, cfg.recall_dir.as_deref())
                         .map_err(CompressError::from)?;
                     c = c.with_recall(store)?;
+                    c = c.with_recall_probe(cfg.recall_probe);
                     if let Some(n) = cfg.recall_cells {
                         c = c.with_recall_cells(n);
                     }

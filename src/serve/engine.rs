@@ -2,8 +2,9 @@
 //! sequence and one KV stream each) and runs every request on them.
 //!
 //! Each step decodes one token for every generating slot and, in the same
-//! batch, up to [`PREFILL_CHUNK`] prompt tokens of one prefilling slot, so a
-//! long prompt never starves the others. A prompt's last `w` tokens (its
+//! batch, up to [`PREFILL_CHUNK`] prompt tokens of each prefilling slot
+//! while the batch holds the context's `-b` tokens, so a long prompt never
+//! starves the others and many prompts fill the device together. A prompt's last `w` tokens (its
 //! observation window) are decoded on their own with importance on and the
 //! slot is compressed right there, as `chat` compresses a turn: that is the
 //! longest any slot waits for another. A prompt longer than the slot's free
@@ -30,7 +31,7 @@ use crate::llama::{
     StreamDecoder, Token,
 };
 
-/// Prompt tokens of one slot per step, beside the other slots' decode tokens.
+/// Prompt tokens of one slot per step, beside the other slots' work.
 pub const PREFILL_CHUNK: usize = 256;
 
 /// A prompt longer than its slot's free cells is compressed rather than fed
@@ -108,6 +109,8 @@ pub struct EngineConfig {
     pub recall: RecallMode,
     pub recall_dir: Option<std::path::PathBuf>,
     pub recall_cells: Option<usize>,
+    /// Reply tokens a recalling turn drafts to score its cache.
+    pub recall_probe: usize,
 }
 
 /// A slot: one sequence, its compressed history and what it is doing.
@@ -203,7 +206,8 @@ pub fn run(
         .collect();
     let _ = ready.send(Ok(ctx.seq_capacity()));
     let mut waiting: VecDeque<Job> = VecDeque::new();
-    let mut batch = Batch::new(PREFILL_CHUNK + cfg.n_slots);
+    let mut batch = Batch::new(ctx.n_batch() as usize + cfg.n_slots);
+    let mut tick = 0usize;
     let mut gauges_at = Instant::now();
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -222,7 +226,8 @@ pub fn run(
             waiting.push_back(j);
         }
         assign(model, &mut ctx, cfg, &mut slots, &mut waiting, &metrics);
-        step(&mut ctx, &mut slots, &mut batch, &metrics);
+        step(&mut ctx, &mut slots, &mut batch, &metrics, tick);
+        tick = tick.wrapping_add(1);
         // The per-slot gauges walk every cell: a few times a second is enough,
         // and always once the work is done.
         let idle = slots.iter().all(Slot::free) && waiting.is_empty();
@@ -348,7 +353,8 @@ fn new_compressor(
             c = c
                 .with_recall(store)
                 .map_err(|e| e.to_string())?
-                .with_recall_cells(cfg.recall_cells.unwrap_or(usize::MAX));
+                .with_recall_cells(cfg.recall_cells.unwrap_or(usize::MAX))
+                .with_recall_probe(cfg.recall_probe);
         }
     }
     Ok(c)
@@ -473,9 +479,18 @@ fn start(
     Ok(())
 }
 
-/// One step: decode tokens of the generating slots and a chunk of one
-/// prefilling slot together, then compress a slot whose prompt is in.
-fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &Metrics) {
+/// One step: decode tokens of the generating slots and chunks of the
+/// prefilling slots together (up to the context's `-b` tokens in all,
+/// [`PREFILL_CHUNK`] per slot, starting at slot `tick` so none waits behind
+/// the others), then compress one slot whose prompt is in or whose cells ran
+/// out.
+fn step(
+    ctx: &mut Context<'_>,
+    slots: &mut [Slot],
+    batch: &mut Batch,
+    metrics: &Metrics,
+    tick: usize,
+) {
     batch.clear();
     let mut rows: Vec<(usize, i32)> = Vec::new();
     for (i, s) in slots.iter().enumerate() {
@@ -484,23 +499,27 @@ fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &
             batch.push(tok, s.cursor.next_pos, s.seq, true);
         }
     }
-    // One prefilling slot adds a chunk of its prompt (all but its window); a
-    // prompt longer than its free cells is compressed after the batch when
-    // the chunk would not fit (or, scored by reconstruction, takes a segment).
-    let prefilling = slots.iter().position(|s| {
-        s.work.as_ref().is_some_and(|w| {
+    // Prefilling slots add a chunk of their prompt (all but its window) while
+    // the batch has room; a prompt longer than its free cells is compressed
+    // after the batch when its chunk would not fit (or, scored by
+    // reconstruction, takes a segment): one such compression per step.
+    let mut room = (ctx.n_batch() as usize).saturating_sub(rows.len());
+    let mut chunks: Vec<(usize, usize)> = Vec::new();
+    let mut segment = None;
+    let mut squeeze = None;
+    let n_slots = slots.len();
+    for i in (0..n_slots).map(|k| (tick + k) % n_slots.max(1)) {
+        let prefilling = slots[i].work.as_ref().is_some_and(|w| {
             w.next.is_none()
                 && if w.fill == Fill::Segmented {
                     w.done < w.pending.len()
                 } else {
                     w.done + w.window < w.pending.len()
                 }
-        })
-    });
-    let mut chunk = None;
-    let mut segment = None;
-    let mut squeeze = None;
-    if let Some(i) = prefilling {
+        });
+        if !prefilling {
+            continue;
+        }
         let s = &mut slots[i];
         let free = ctx.seq_capacity().saturating_sub(ctx.seq_used(s.seq));
         let by_window = s
@@ -510,11 +529,11 @@ fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &
         let w = s.work.as_mut().expect("prefilling slot has work");
         let head = w.pending.len() - w.window;
         // Reconstruction decodes its prompts and a chunk (64 tokens at least) on top.
-        let room = match (&s.compressor, w.reconstruct) {
+        let extra = match (&s.compressor, w.reconstruct) {
             (Some(c), true) => c.reconstruction_room(64),
             _ => 0,
         };
-        let fits = w.pending.len() - w.done + w.job.max_tokens + room < free;
+        let fits = w.pending.len() - w.done + w.job.max_tokens + extra < free;
         if !fits && w.fill == Fill::Fits && w.budget.is_some() {
             w.fill = if w.reconstruct || !by_window {
                 Fill::Segmented
@@ -523,23 +542,29 @@ fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &
             };
         }
         if w.fill == Fill::Segmented {
-            segment = Some(i);
-        } else {
-            let left = head - w.done;
-            let mut n = left.min(PREFILL_CHUNK);
-            if w.fill == Fill::Chunked && !fits {
-                // Cells stay free for the window that scores the next compression.
-                n = n.min(free.saturating_sub(w.window + 1));
-            }
-            if n > 0 && n >= left.min(MIN_CHUNK) {
-                for (k, &t) in w.pending[w.done..w.done + n].iter().enumerate() {
-                    batch.push(t, s.cursor.next_pos + k as Pos, s.seq, false);
-                }
-                chunk = Some((i, n));
-            } else {
-                squeeze = Some(i);
-            }
+            segment = segment.or(Some(i));
+            continue;
         }
+        let left = head - w.done;
+        let mut n = left.min(PREFILL_CHUNK);
+        if w.fill == Fill::Chunked && !fits {
+            // Cells stay free for the window that scores the next compression.
+            n = n.min(free.saturating_sub(w.window + 1));
+        }
+        if n == 0 || n < left.min(MIN_CHUNK) {
+            squeeze = squeeze.or(Some(i));
+            continue;
+        }
+        // The batch is full for this step: the slot goes on in the next.
+        let n = n.min(room);
+        if n == 0 || n < left.min(MIN_CHUNK) {
+            continue;
+        }
+        for (k, &t) in w.pending[w.done..w.done + n].iter().enumerate() {
+            batch.push(t, s.cursor.next_pos + k as Pos, s.seq, false);
+        }
+        room -= n;
+        chunks.push((i, n));
     }
     if !batch.is_empty() {
         if let Err(e) = ctx.decode(batch) {
@@ -550,7 +575,7 @@ fn step(ctx: &mut Context<'_>, slots: &mut [Slot], batch: &mut Batch, metrics: &
             return;
         }
     }
-    if let Some((i, n)) = chunk {
+    for &(i, n) in &chunks {
         let s = &mut slots[i];
         if let Some(w) = s.work.as_mut() {
             w.done += n;
