@@ -73,13 +73,17 @@ fn answer(ctx: &mut Context<'_>, at: usize, n: usize) -> String {
     text
 }
 
-fn run_recall_case(fa: FlashAttn) {
+/// The fact's tokens kept per layer after its question; `probe` reply tokens drafted.
+fn run_recall_case(fa: FlashAttn, probe: usize) -> Vec<usize> {
     let model = qwen();
     let mut ctx = ctx(model, 4096, fa);
     let (doc, fact) = document(model);
     let n = doc.len();
     let store = RecallStore::new(&ctx, SEQ, None).unwrap();
-    let mut c = chunkkv(&ctx).with_recall(store).unwrap();
+    let mut c = chunkkv(&ctx)
+        .with_recall(store)
+        .unwrap()
+        .with_recall_probe(probe);
     // The document is compressed before its question exists (its own end scores it).
     let n_keep = Budget::Ratio(0.1).cells_for(n);
     let done = c
@@ -116,6 +120,8 @@ fn run_recall_case(fa: FlashAttn) {
         "{used} cells after the turn, budget {n_keep}"
     );
     assert_eq!(turn.report.cells_after as usize, used);
+    // A drafted reply is gone again: the cache ends with the question.
+    assert_eq!(ctx.seq_pos_max(SEQ), Some((n + ask.len() - 1) as i32));
     let text = answer(&mut ctx, n + ask.len(), 12);
     eprintln!("answer {text:?}");
     assert!(
@@ -126,16 +132,28 @@ fn run_recall_case(fa: FlashAttn) {
         text.contains("7319"),
         "the recalled fact answers the question: {text:?}"
     );
+    back
 }
 
 #[test]
 fn a_fact_evicted_at_load_time_comes_back_when_its_question_needs_it() {
-    run_recall_case(FlashAttn::On);
+    run_recall_case(FlashAttn::On, 0);
 }
 
 #[test]
 fn recall_works_with_a_transposed_v_cache() {
-    run_recall_case(FlashAttn::Off);
+    run_recall_case(FlashAttn::Off, 0);
+}
+
+/// The drafted reply copies the code, so its attention keeps the code's
+/// tokens in at least as many layers as the question's alone, and the reply
+/// itself is decoded on the compacted cache after the draft is dropped.
+#[test]
+fn a_drafted_reply_scores_the_recall_and_leaves_no_trace() {
+    let plain = run_recall_case(FlashAttn::On, 0);
+    let probed = run_recall_case(FlashAttn::On, 8);
+    eprintln!("fact tokens kept per layer: {plain:?} question only, {probed:?} with a draft");
+    assert!(probed.iter().sum::<usize>() >= plain.iter().sum::<usize>());
 }
 
 fn session<'m>(ctx: Context<'m>, recall: Option<&std::path::Path>) -> ChatSession<'m> {

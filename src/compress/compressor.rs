@@ -421,9 +421,10 @@ impl Compressor {
         let t = Instant::now();
         let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
         let end = meta.iter().rposition(Option::is_some).map_or(0, |c| c + 1);
+        // The turn's tokens and its drafted reply need cells after the rows.
         let room = meta
             .len()
-            .saturating_sub(end + incoming + 1)
+            .saturating_sub(end + incoming + self.recall_probe + 1)
             .min(self.recall_cells);
         let Some(store) = self.recall.as_ref() else {
             return Ok(false);
@@ -555,7 +556,7 @@ impl Compressor {
         let w = window.len();
         let batch = meta
             .len()
-            .saturating_sub(end + w + 1)
+            .saturating_sub(end + w + self.recall_probe + 1)
             .min(self.recall_cells);
         if batch == 0 || w > ctx.n_ubatch() as usize {
             return Ok(());
@@ -605,9 +606,13 @@ impl Compressor {
             self.slots.replace(t);
             let leaders = self.leader_flags(ctx);
             ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), ScoreReduce::Sum)?;
-            let decoded = ctx.decode_tokens(window, at, self.seq, false);
+            let mut decoded = ctx.decode_tokens(window, at, self.seq, self.recall_probe > 0);
+            if self.recall_probe > 0 && decoded.is_ok() {
+                // The batch's rows are scored by a drafted reply too.
+                decoded = self.draft_probe(ctx, at + w as Pos);
+            }
             ctx.importance_end();
-            // The window and the batch leave again whatever happened.
+            // The window (its draft too) and the batch leave again whatever happened.
             let removed = ctx.seq_rm(self.seq, at, -1);
             let freed = ctx.kv_free(KvPart::Base, self.seq, end as u32, b as u32);
             self.slots = table.clone();
@@ -1251,15 +1256,18 @@ impl Compressor {
             _ => {}
         }
         let mut decoded = ctx.decode_tokens(tail, tail_start, self.seq, true);
-        let probing = self.recall_probe > 0 && self.recalling.is_some() && rows.is_some();
+        let probing = self.recall_probe > 0 && w > 0 && self.recalling.is_some() && rows.is_some();
         if probing && decoded.is_ok() {
             decoded = self.draft_probe(ctx, tail_start + w as Pos);
         }
         if rows.is_some() {
             ctx.importance_end();
         }
-        // The drafted tokens leave whatever happened: the reply starts after the window.
-        if probing && !ctx.seq_rm(self.seq, tail_start + w as Pos, -1) {
+        // The drafted tokens leave whatever happened, and so does the window's
+        // last token: decoded again after compaction, it gives the reply's
+        // first logits from the compacted cache, as without a draft.
+        let last = tail_start + w as Pos - 1;
+        if probing && !ctx.seq_rm(self.seq, last, -1) {
             return Err(CompressError::Unsupported(
                 "the drafted reply could not be removed".into(),
             ));
@@ -1284,18 +1292,24 @@ impl Compressor {
             from: tail_start.min(keep.from),
             ..keep
         };
+        if !probing {
+            (ms.select, ms.compact) = self.select_and_compact(ctx, &importance, keep, n_keep)?;
+            return Ok((ms, full));
+        }
+        let n_keep = n_keep.saturating_sub(1).max(1);
         (ms.select, ms.compact) = self.select_and_compact(ctx, &importance, keep, n_keep)?;
+        ctx.decode_tokens(&tail[w - 1..], last, self.seq, true)?;
         Ok((ms, full))
     }
 
     /// Greedy reply tokens from `at` on, one decode each, while importance
-    /// is on (each adds its row's attention), until `recall_probe` tokens or
-    /// the end of the reply.
+    /// is on (each adds its row's attention), until `recall_probe` tokens,
+    /// the end of the reply or of the free cells.
     fn draft_probe(&self, ctx: &mut Context<'_>, at: Pos) -> Result<(), DecodeError> {
         let mut greedy = Sampler::new(&SamplingParams::greedy());
         for k in 0..self.recall_probe {
             let tok = greedy.sample(ctx, -1);
-            if ctx.model().is_eog(tok) {
+            if ctx.model().is_eog(tok) || ctx.seq_used(self.seq) >= ctx.seq_capacity() {
                 break;
             }
             ctx.decode_tokens(&[tok], at + k as Pos, self.seq, true)?;
