@@ -19,7 +19,7 @@ use crate::compress::{
 };
 use crate::llama::{
     Backend, CacheType, Context, ContextParams, FlashAttn, Model, ModelParams, SamplingParams,
-    SplitMode,
+    ScoreReduce, SplitMode,
 };
 
 #[derive(Debug, Parser)]
@@ -303,6 +303,10 @@ pub struct ChunkArgs {
     /// on the H200 recall grid it did not help: docs/results/eval-recall.md).
     #[arg(long = "kv-trail", default_value_t = 0)]
     pub trail: usize,
+    /// How the observation window's queries (and each KV head's query
+    /// group) combine their attention: sum (the paper) or max (KVzip's rule).
+    #[arg(long = "kv-reduce", value_enum, default_value_t = ScoreReduce::Sum)]
+    pub reduce: ScoreReduce,
     /// Where chunks begin: every --chunk-size tokens, or after each sentence
     /// end (split at twice --chunk-size) [default: tokens; chat documents: sentences].
     #[arg(long = "chunk-by", value_enum)]
@@ -331,6 +335,7 @@ impl ChunkArgs {
             pool: (self.pool > 1).then_some(self.pool),
             chunking: self.chunk_by.unwrap_or_default(),
             trail: self.trail,
+            reduce: self.reduce,
         };
         shape.check()?;
         Ok(shape)
@@ -459,6 +464,8 @@ mod tests {
             "5",
             "--kv-trail",
             "3",
+            "--kv-reduce",
+            "max",
         ];
         for cmd in [
             &["eval", "--tasks", "niah"][..],
@@ -477,8 +484,14 @@ mod tests {
             };
             let shape = chunk.shape().unwrap();
             assert_eq!(
-                (shape.chunk_size, shape.chunk_score, shape.pool, shape.trail),
-                (4, ChunkScore::Mean, Some(5), 3),
+                (
+                    shape.chunk_size,
+                    shape.chunk_score,
+                    shape.pool,
+                    shape.trail,
+                    shape.reduce
+                ),
+                (4, ChunkScore::Mean, Some(5), 3, ScoreReduce::Max),
                 "{cmd:?}"
             );
         }

@@ -4,7 +4,7 @@
 
 use super::policy::{LayerCandidates, Policy};
 use super::CompressError;
-use crate::llama::{Pos, ScoreRows};
+use crate::llama::{Pos, ScoreReduce, ScoreRows};
 
 /// How a chunk's score is formed from its tokens' scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -45,6 +45,11 @@ pub struct ChunkKv {
     /// marble"), not to the value that follows it, and fixed chunks cut the
     /// value off.
     pub trail: usize,
+    /// How the window's queries (and each KV head's query group) combine
+    /// their attention: summed (the paper) or the largest (KVzip's rule: a
+    /// cell one query needs, say a copied value, is not outvoted by the many
+    /// that look elsewhere).
+    pub reduce: ScoreReduce,
 }
 
 impl ChunkKv {
@@ -73,6 +78,7 @@ impl Default for ChunkKv {
             pool: None,
             chunking: Chunking::Tokens,
             trail: 0,
+            reduce: ScoreReduce::Sum,
         }
     }
 }
@@ -180,6 +186,10 @@ impl Policy for ChunkKv {
 
     fn trail(&self) -> usize {
         self.trail
+    }
+
+    fn score_reduce(&self) -> ScoreReduce {
+        self.reduce
     }
 
     /// One set for all heads: token scores summed over KV heads.

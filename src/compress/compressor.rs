@@ -605,7 +605,8 @@ impl Compressor {
             }
             self.slots.replace(t);
             let leaders = self.leader_flags(ctx);
-            ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), ScoreReduce::Sum)?;
+            let reduce = self.policy.score_reduce();
+            ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), reduce)?;
             let mut decoded = ctx.decode_tokens(window, at, self.seq, self.recall_probe > 0);
             if self.recall_probe > 0 && decoded.is_ok() {
                 // The batch's rows are scored by a drafted reply too.
@@ -1246,7 +1247,8 @@ impl Compressor {
         match rows {
             Some(ScoreRows::Last(_)) => {
                 let leaders = self.leader_flags(ctx);
-                ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), ScoreReduce::Sum)?;
+                let reduce = self.policy.score_reduce();
+                ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), reduce)?;
             }
             // Every query scores: the head's share comes from `prior`.
             Some(ScoreRows::All) if prior.is_some() => {

@@ -81,6 +81,11 @@ pub trait Policy: Send + Sync {
         0
     }
 
+    /// How the scoring window's queries combine their attention.
+    fn score_reduce(&self) -> crate::llama::ScoreReduce {
+        crate::llama::ScoreReduce::Sum
+    }
+
     /// How many candidates each of `n_groups` scored layer groups (bottom
     /// first) selects when the mean is `n_select`; none may exceed `n_cand`.
     /// Uniform unless the policy budgets layers differently (PyramidKV).

@@ -69,7 +69,7 @@ pub enum ScoreRows {
 
 /// How importance combines over query rows, the query heads of a KV head's
 /// group, micro-batches and calls (patch 0005).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum ScoreReduce {
     /// Summed (the observation window, H2O).
     #[default]
