@@ -491,7 +491,13 @@ mod tests {
                     shape.trail,
                     shape.reduce
                 ),
-                (4, ChunkScore::Mean, Some(5), 3, ScoreReduce::Max),
+                (
+                    4,
+                    ChunkScore::Mean,
+                    Some(5),
+                    3,
+                    crate::llama::ScoreReduce::Max
+                ),
                 "{cmd:?}"
             );
         }
