@@ -556,7 +556,7 @@ impl Compressor {
         let w = window.len();
         let batch = meta
             .len()
-            .saturating_sub(end + w + self.recall_probe + 1)
+            .saturating_sub(end + w + 1)
             .min(self.recall_cells);
         if batch == 0 || w > ctx.n_ubatch() as usize {
             return Ok(());
@@ -607,13 +607,11 @@ impl Compressor {
             let leaders = self.leader_flags(ctx);
             let reduce = self.policy.score_reduce();
             ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), reduce)?;
-            let mut decoded = ctx.decode_tokens(window, at, self.seq, self.recall_probe > 0);
-            if self.recall_probe > 0 && decoded.is_ok() {
-                // The batch's rows are scored by a drafted reply too.
-                decoded = self.draft_probe(ctx, at + w as Pos);
-            }
+            // Only the window ranks: a drafted reply per batch would cost its
+            // length in decodes per batch (the turn's own scoring drafts once).
+            let decoded = ctx.decode_tokens(window, at, self.seq, false);
             ctx.importance_end();
-            // The window (its draft too) and the batch leave again whatever happened.
+            // The window and the batch leave again whatever happened.
             let removed = ctx.seq_rm(self.seq, at, -1);
             let freed = ctx.kv_free(KvPart::Base, self.seq, end as u32, b as u32);
             self.slots = table.clone();
