@@ -166,7 +166,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         methods,
         recall_dir: args.recall.dir(),
         recall_cells: args.recall.cells,
-        recall_probe: args.recall.probe,
+        recall_probe: args.recall.probe.unwrap_or(super::RECALL_PROBE),
         budgets: args.budgets.clone(),
         chunk,
         reuse: args.chunk.reuse_layers,

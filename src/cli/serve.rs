@@ -86,7 +86,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             recall: args.recall.mode,
             recall_dir: args.recall.dir.clone(),
             recall_cells: args.recall.cells,
-            recall_probe: args.recall.probe,
+            recall_probe: args.recall.probe.unwrap_or(0),
         },
         queue: args.queue,
         api_key: args.api_key.clone(),
