@@ -145,15 +145,20 @@ fn recall_works_with_a_transposed_v_cache() {
     run_recall_case(FlashAttn::Off, 0);
 }
 
-/// The drafted reply copies the code, so its attention keeps the code's
-/// tokens in at least as many layers as the question's alone, and the reply
-/// itself is decoded on the compacted cache after the draft is dropped.
+/// With a drafted reply scoring the recall, the draft is gone before the
+/// reply (the cache ends with the question; `run_recall_case` checks it),
+/// the budget holds, the fact comes back and answers, and no layer keeps
+/// fewer of its tokens than with the question alone. (The grid where the
+/// draft matters is multi-key RULER on the GPU: docs/results/eval-recall.md.)
 #[test]
-fn a_drafted_reply_scores_the_recall_and_leaves_no_trace() {
+fn a_drafted_reply_leaves_no_trace_and_the_fact_still_comes_back() {
     let plain = run_recall_case(FlashAttn::On, 0);
     let probed = run_recall_case(FlashAttn::On, 8);
     eprintln!("fact tokens kept per layer: {plain:?} question only, {probed:?} with a draft");
-    assert!(probed.iter().sum::<usize>() >= plain.iter().sum::<usize>());
+    assert!(
+        probed.iter().zip(&plain).all(|(p, q)| p >= q),
+        "a draft must not lose the fact's tokens in any layer"
+    );
 }
 
 fn session<'m>(ctx: Context<'m>, recall: Option<&std::path::Path>) -> ChatSession<'m> {
