@@ -146,6 +146,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         // Room for reconstruction chunks on top of the context (KVzip's 2048).
         need += 2048 + 256;
     }
+    let recall_all = args.recall.mode != crate::compress::RecallMode::Off;
+    let recall_probe = args.recall.probe.unwrap_or(super::RECALL_PROBE);
+    if recall_all || args.methods.iter().any(|m| m.recall) {
+        // The drafted reply needs cells after the question, beside the answer's.
+        need = need.saturating_add(u32::try_from(recall_probe).unwrap_or(u32::MAX));
+    }
     let n_ctx = match args.context.ctx_size {
         0 => need,
         c if c >= need => c,
@@ -153,7 +159,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             "-c {c} is too small: the longest sample and its answer need {need} (lower --length or raise -c)"
         ),
     };
-    let recall_all = args.recall.mode != crate::compress::RecallMode::Off;
     let methods = args
         .methods
         .iter()
@@ -166,7 +171,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         methods,
         recall_dir: args.recall.dir(),
         recall_cells: args.recall.cells,
-        recall_probe: args.recall.probe.unwrap_or(super::RECALL_PROBE),
+        recall_probe,
         budgets: args.budgets.clone(),
         chunk,
         reuse: args.chunk.reuse_layers,
