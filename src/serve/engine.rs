@@ -589,6 +589,16 @@ fn step(
         s.cursor.prefilled += 1;
         sample(ctx, s, row, metrics);
     }
+    // One compression per step. First a slot whose head is in (its client
+    // waits for the first token): its window, scored, then compaction.
+    if let Some(i) = slots.iter().position(|s| {
+        s.work.as_ref().is_some_and(|w| {
+            w.next.is_none() && w.fill != Fill::Segmented && w.done + w.window >= w.pending.len()
+        })
+    }) {
+        compress_window(ctx, &mut slots[i], metrics);
+        return;
+    }
     // A prompt that does not fit the free cells: one segment, compressed.
     if let Some(i) = segment {
         prefill_segment(ctx, &mut slots[i], metrics);
@@ -597,15 +607,6 @@ fn step(
     // A chunked prompt that filled its slot: its next tokens score, then compaction.
     if let Some(i) = squeeze {
         squeeze_slot(ctx, &mut slots[i], metrics);
-        return;
-    }
-    // A slot whose head is in: its window, scored, then compaction (alone).
-    if let Some(i) = slots.iter().position(|s| {
-        s.work.as_ref().is_some_and(|w| {
-            w.next.is_none() && w.fill != Fill::Segmented && w.done + w.window >= w.pending.len()
-        })
-    }) {
-        compress_window(ctx, &mut slots[i], metrics);
     }
 }
 
