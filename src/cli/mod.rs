@@ -300,7 +300,8 @@ pub struct ChunkArgs {
     pub pool: usize,
     /// Carry each token's score to the next N positions before chunking, so
     /// a fact's value stays with the key a question attends to (0: off;
-    /// on the H200 recall grid it did not help: docs/results/eval-recall.md).
+    /// alone it lost on the H200 recall grid, with a drafted reply it gained
+    /// a few NIAH questions: docs/results/eval-recall.md).
     #[arg(long = "kv-trail", default_value_t = 0)]
     pub trail: usize,
     /// How the observation window's queries (and each KV head's query

@@ -1292,13 +1292,16 @@ impl Compressor {
             from: tail_start.min(keep.from),
             ..keep
         };
-        if !probing {
-            (ms.select, ms.compact) = self.select_and_compact(ctx, &importance, keep, n_keep)?;
-            return Ok((ms, full));
-        }
-        let n_keep = n_keep.saturating_sub(1).max(1);
+        // With a draft, the window's last token comes back after compaction.
+        let n_keep = if probing {
+            n_keep.saturating_sub(1).max(1)
+        } else {
+            n_keep
+        };
         (ms.select, ms.compact) = self.select_and_compact(ctx, &importance, keep, n_keep)?;
-        ctx.decode_tokens(&tail[w - 1..], last, self.seq, true)?;
+        if probing {
+            ctx.decode_tokens(&tail[w - 1..], last, self.seq, true)?;
+        }
         Ok((ms, full))
     }
 
@@ -1306,10 +1309,11 @@ impl Compressor {
     /// is on (each adds its row's attention), until `recall_probe` tokens,
     /// the end of the reply or of the free cells.
     fn draft_probe(&self, ctx: &mut Context<'_>, at: Pos) -> Result<(), DecodeError> {
+        let free = ctx.seq_capacity().saturating_sub(ctx.seq_used(self.seq));
         let mut greedy = Sampler::new(&SamplingParams::greedy());
-        for k in 0..self.recall_probe {
+        for k in 0..self.recall_probe.min(free) {
             let tok = greedy.sample(ctx, -1);
-            if ctx.model().is_eog(tok) || ctx.seq_used(self.seq) >= ctx.seq_capacity() {
+            if ctx.model().is_eog(tok) {
                 break;
             }
             ctx.decode_tokens(&[tok], at + k as Pos, self.seq, true)?;
