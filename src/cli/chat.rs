@@ -129,7 +129,8 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         (Some(c), Some(store)) if method == Method::Chunkkv => Some(
             c.with_recall(store)?
                 .with_recall_cells(args.recall.cells.unwrap_or(usize::MAX))
-                .with_recall_probe(args.recall.probe.unwrap_or(super::RECALL_PROBE)),
+                .with_recall_probe(args.recall.probe.unwrap_or(super::RECALL_PROBE))
+                .with_recall_pin(args.recall.pin),
         ),
         _ => {
             anyhow::bail!("--kv-recall brings back ChunkKV's chunks: it needs --kv-method chunkkv")

@@ -172,6 +172,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         recall_dir: args.recall.dir(),
         recall_cells: args.recall.cells,
         recall_probe,
+        recall_pin: args.recall.pin,
         budgets: args.budgets.clone(),
         chunk,
         reuse: args.chunk.reuse_layers,

@@ -364,6 +364,11 @@ pub struct RecallArgs {
     /// [default: 32; serve: 0, as the draft holds the other slots up].
     #[arg(long = "kv-recall-probe", value_name = "N")]
     pub probe: Option<usize>,
+    /// With a draft: the N positions it attends to most (in any layer) are
+    /// kept with their chunks in every layer, so a copied value survives
+    /// whole where the layers that carry the copy would each keep part (0: off).
+    #[arg(long = "kv-recall-pin", value_name = "N", default_value_t = 0)]
+    pub pin: usize,
 }
 
 /// Reply tokens a recalling turn drafts unless told otherwise: on the H200

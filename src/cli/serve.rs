@@ -87,6 +87,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             recall_dir: args.recall.dir.clone(),
             recall_cells: args.recall.cells,
             recall_probe: args.recall.probe.unwrap_or(0),
+            recall_pin: args.recall.pin,
         },
         queue: args.queue,
         api_key: args.api_key.clone(),

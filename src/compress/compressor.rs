@@ -135,6 +135,8 @@ pub struct Compressor {
     recall_cells: usize,
     /// Reply tokens a recalling turn drafts to score its cache (`--kv-recall-probe`).
     recall_probe: usize,
+    /// Draft-attended positions kept in every layer (`with_recall_pin`).
+    recall_pin: usize,
 }
 
 /// Rows uploaded for one turn's scoring, until its compaction.
@@ -299,6 +301,7 @@ impl Compressor {
             recalled_total: 0,
             recall_cells: usize::MAX,
             recall_probe: 0,
+            recall_pin: 0,
         })
     }
 
@@ -331,6 +334,15 @@ impl Compressor {
     /// to a fact's key; the answer, copying the value, attends to the value.
     pub fn with_recall_probe(mut self, n: usize) -> Self {
         self.recall_probe = n;
+        self
+    }
+
+    /// With a draft, the `n` positions the draft attends to most (in any
+    /// scored layer and head) are kept, with their chunks, in every layer:
+    /// the layers that carry a copied value otherwise keep only some of its
+    /// tokens, and the reply comes back half copied.
+    pub fn with_recall_pin(mut self, n: usize) -> Self {
+        self.recall_pin = n;
         self
     }
 
@@ -1257,6 +1269,23 @@ impl Compressor {
         }
         let mut decoded = ctx.decode_tokens(tail, tail_start, self.seq, true);
         let probing = self.recall_probe > 0 && w > 0 && self.recalling.is_some() && rows.is_some();
+        // Pins need the draft's attention apart from the window's.
+        let mut window_scores = None;
+        if probing && decoded.is_ok() && self.recall_pin > 0 {
+            let leaders = self.leader_flags(ctx);
+            let restarted = self.read_importance(ctx).and_then(|s| {
+                window_scores = Some(s);
+                Ok(ctx.importance_begin(
+                    &leaders,
+                    ScoreRows::Last(1),
+                    self.policy.score_reduce(),
+                )?)
+            });
+            if let Err(e) = restarted {
+                ctx.importance_end();
+                return Err(e);
+            }
+        }
         if probing && decoded.is_ok() {
             decoded = self.draft_probe(ctx, tail_start + w as Pos);
         }
@@ -1275,14 +1304,23 @@ impl Compressor {
         decoded?;
         let t_read = Instant::now();
         let mut importance = match rows {
-            Some(_) => self
-                .leader_layers()
-                .into_iter()
-                .map(|il| ctx.importance(il).ok_or(CompressError::NoImportance(il)))
-                .collect::<Result<Vec<_>, _>>()?,
+            Some(_) => self.read_importance(ctx)?,
             None => Vec::new(),
         };
         ms.readback = t_read.elapsed().as_secs_f64() * 1e3;
+        if let Some(window) = window_scores {
+            // `importance` is the draft's alone here.
+            let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
+            let pins = self.draft_pins(&meta, &importance, tail_start);
+            let reduce = self.policy.score_reduce();
+            for (imp, win) in importance.iter_mut().zip(&window) {
+                match reduce {
+                    ScoreReduce::Sum => imp.add(win),
+                    ScoreReduce::Max => imp.max_with(win),
+                }
+            }
+            self.pin_positions(&meta, &mut importance, &pins);
+        }
         for (imp, prior) in importance.iter_mut().zip(prior.unwrap_or_default()) {
             imp.add(prior);
         }
@@ -1303,6 +1341,76 @@ impl Compressor {
             ctx.decode_tokens(&tail[w - 1..], last, self.seq, true)?;
         }
         Ok((ms, full))
+    }
+
+    /// Importance of every leader layer since the last `importance_begin`.
+    fn read_importance(&self, ctx: &Context<'_>) -> Result<Vec<LayerImportance>, CompressError> {
+        self.leader_layers()
+            .into_iter()
+            .map(|il| ctx.importance(il).ok_or(CompressError::NoImportance(il)))
+            .collect()
+    }
+
+    /// The `recall_pin` positions before `before` (the window) that the
+    /// draft attended to most in any leader layer and KV head. Scores of one
+    /// layer are comparable with another's: each draft query spreads one unit
+    /// of attention (sum) or pays at most one (max).
+    fn draft_pins(&self, meta: &[Option<Pos>], draft: &[LayerImportance], before: Pos) -> Vec<Pos> {
+        let mut best: BTreeMap<Pos, f32> = BTreeMap::new();
+        for (g, group) in self.groups.groups().iter().enumerate() {
+            let Some(imp) = draft.get(g) else { continue };
+            let leader = group[0];
+            for h in 0..self.heads[leader] {
+                let scores = imp.head(h.min(imp.n_heads().saturating_sub(1)));
+                for (c, &s) in scores.iter().enumerate().take(meta.len()) {
+                    let Some(p) = self.slots.position(leader, h, c, meta) else {
+                        continue;
+                    };
+                    if p >= before {
+                        continue;
+                    }
+                    let e = best.entry(p).or_insert(0.0);
+                    *e = e.max(s);
+                }
+            }
+        }
+        let mut ranked: Vec<(Pos, f32)> = best.into_iter().collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        ranked.truncate(self.recall_pin);
+        ranked.into_iter().map(|(p, _)| p).collect()
+    }
+
+    /// Raises the cells holding `pins` above every unpinned score in each
+    /// leader layer, so every reuse group keeps their chunks.
+    fn pin_positions(
+        &self,
+        meta: &[Option<Pos>],
+        importance: &mut [LayerImportance],
+        pins: &[Pos],
+    ) {
+        const PINNED: f32 = 1.0e6;
+        if pins.is_empty() {
+            return;
+        }
+        let pins: std::collections::BTreeSet<Pos> = pins.iter().copied().collect();
+        for (g, group) in self.groups.groups().iter().enumerate() {
+            let Some(imp) = importance.get_mut(g) else {
+                continue;
+            };
+            let leader = group[0];
+            for h in 0..imp.n_heads() {
+                let hh = h.min(self.heads[leader].saturating_sub(1));
+                for c in 0..meta.len().min(imp.n_cells()) {
+                    if self
+                        .slots
+                        .position(leader, hh, c, meta)
+                        .is_some_and(|p| pins.contains(&p))
+                    {
+                        imp.raise(h, c, PINNED);
+                    }
+                }
+            }
+        }
     }
 
     /// Greedy reply tokens from `at` on, one decode each, while importance

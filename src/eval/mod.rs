@@ -77,6 +77,8 @@ pub struct EvalConfig {
     pub recall_cells: Option<usize>,
     /// `--kv-recall-probe`: reply tokens drafted to score each question's recall.
     pub recall_probe: usize,
+    /// `--kv-recall-pin`: draft-attended positions kept in every layer.
+    pub recall_pin: usize,
 }
 
 impl EvalConfig {
@@ -369,7 +371,9 @@ fn run_prompt(
                     let store = RecallStore::new(ctx, SEQ, cfg.recall_dir.as_deref())
                         .map_err(CompressError::from)?;
                     c = c.with_recall(store)?;
-                    c = c.with_recall_probe(cfg.recall_probe);
+                    c = c
+                        .with_recall_probe(cfg.recall_probe)
+                        .with_recall_pin(cfg.recall_pin);
                     if let Some(n) = cfg.recall_cells {
                         c = c.with_recall_cells(n);
                     }

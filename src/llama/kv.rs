@@ -136,6 +136,31 @@ impl LayerImportance {
         self.scores.chunks_exact(self.n_cells.max(1))
     }
 
+    pub fn n_cells(&self) -> usize {
+        self.n_cells
+    }
+
+    /// Adds `by` to head `h`'s score of cell `c` (nothing if either is out of range).
+    pub fn raise(&mut self, h: usize, c: usize, by: f32) {
+        if c < self.n_cells {
+            if let Some(s) = self.scores.get_mut(h * self.n_cells + c) {
+                *s += by;
+            }
+        }
+    }
+
+    /// Keeps the larger of the two scores head by head and cell by cell
+    /// (passes combined by `ScoreReduce::Max`).
+    pub fn max_with(&mut self, other: &LayerImportance) {
+        let n = self.n_cells.min(other.n_cells);
+        for h in 0..self.n_heads().min(other.n_heads()) {
+            let acc = &mut self.scores[h * self.n_cells..h * self.n_cells + n];
+            for (a, x) in acc.iter_mut().zip(&other.head(h)[..n]) {
+                *a = a.max(*x);
+            }
+        }
+    }
+
     /// Adds `other`'s scores head by head and cell by cell (scores from
     /// several passes or several layers of one reuse group).
     pub fn add(&mut self, other: &LayerImportance) {

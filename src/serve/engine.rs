@@ -111,6 +111,8 @@ pub struct EngineConfig {
     pub recall_cells: Option<usize>,
     /// Reply tokens a recalling turn drafts to score its cache.
     pub recall_probe: usize,
+    /// `--kv-recall-pin`: draft-attended positions kept in every layer.
+    pub recall_pin: usize,
 }
 
 /// A slot: one sequence, its compressed history and what it is doing.
@@ -354,7 +356,8 @@ fn new_compressor(
                 .with_recall(store)
                 .map_err(|e| e.to_string())?
                 .with_recall_cells(cfg.recall_cells.unwrap_or(usize::MAX))
-                .with_recall_probe(cfg.recall_probe);
+                .with_recall_probe(cfg.recall_probe)
+                .with_recall_pin(cfg.recall_pin);
         }
     }
     Ok(c)
