@@ -73,8 +73,9 @@ fn answer(ctx: &mut Context<'_>, at: usize, n: usize) -> String {
     text
 }
 
-/// The fact's tokens kept per layer after its question; `probe` reply tokens drafted.
-fn run_recall_case(fa: FlashAttn, probe: usize) -> Vec<usize> {
+/// The fact's tokens kept per layer after its question; `probe` reply
+/// tokens drafted, the `pin` positions the draft attends to most kept everywhere.
+fn run_recall_case(fa: FlashAttn, probe: usize, pin: usize) -> Vec<usize> {
     let model = qwen();
     let mut ctx = ctx(model, 4096, fa);
     let (doc, fact) = document(model);
@@ -83,7 +84,8 @@ fn run_recall_case(fa: FlashAttn, probe: usize) -> Vec<usize> {
     let mut c = chunkkv(&ctx)
         .with_recall(store)
         .unwrap()
-        .with_recall_probe(probe);
+        .with_recall_probe(probe)
+        .with_recall_pin(pin);
     // The document is compressed before its question exists (its own end scores it).
     let n_keep = Budget::Ratio(0.1).cells_for(n);
     let done = c
@@ -137,12 +139,12 @@ fn run_recall_case(fa: FlashAttn, probe: usize) -> Vec<usize> {
 
 #[test]
 fn a_fact_evicted_at_load_time_comes_back_when_its_question_needs_it() {
-    run_recall_case(FlashAttn::On, 0);
+    run_recall_case(FlashAttn::On, 0, 0);
 }
 
 #[test]
 fn recall_works_with_a_transposed_v_cache() {
-    run_recall_case(FlashAttn::Off, 0);
+    run_recall_case(FlashAttn::Off, 0, 0);
 }
 
 /// With a drafted reply scoring the recall, the draft is gone before the
@@ -152,12 +154,30 @@ fn recall_works_with_a_transposed_v_cache() {
 /// draft matters is multi-key RULER on the GPU: docs/results/eval-recall.md.)
 #[test]
 fn a_drafted_reply_leaves_no_trace_and_the_fact_still_comes_back() {
-    let plain = run_recall_case(FlashAttn::On, 0);
-    let probed = run_recall_case(FlashAttn::On, 8);
+    let plain = run_recall_case(FlashAttn::On, 0, 0);
+    let probed = run_recall_case(FlashAttn::On, 8, 0);
     eprintln!("fact tokens kept per layer: {plain:?} question only, {probed:?} with a draft");
     assert!(
         probed.iter().zip(&plain).all(|(p, q)| p >= q),
         "a draft must not lose the fact's tokens in any layer"
+    );
+}
+
+/// Pinning what the draft attends to keeps the copied fact in every layer:
+/// no layer holds fewer of its tokens than without pins, and every layer
+/// holds some (the layers that carry a copy otherwise each keep a part).
+#[test]
+fn pinned_draft_positions_keep_the_fact_in_every_layer() {
+    let unpinned = run_recall_case(FlashAttn::On, 8, 0);
+    let pinned = run_recall_case(FlashAttn::On, 8, 16);
+    eprintln!("fact tokens kept per layer: {unpinned:?} unpinned, {pinned:?} pinned");
+    assert!(
+        pinned.iter().zip(&unpinned).all(|(p, q)| p >= q),
+        "pins must not lose the fact's tokens in any layer"
+    );
+    assert!(
+        pinned.iter().all(|&k| k > 0),
+        "every layer keeps the fact: {pinned:?}"
     );
 }
 

@@ -85,7 +85,13 @@ impl ChatArgs {
     }
 }
 
-pub fn run(args: ChatArgs) -> anyhow::Result<()> {
+pub fn run(mut args: ChatArgs) -> anyhow::Result<()> {
+    // Recall that drafts replies takes recall's shape defaults.
+    if args.recall.mode != crate::compress::RecallMode::Off
+        && args.recall.probe.unwrap_or(super::RECALL_PROBE) > 0
+    {
+        args.chunk = args.chunk.for_recall();
+    }
     if args.n_predict == 0 {
         anyhow::bail!("-n must be at least 1");
     }
@@ -130,7 +136,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
             c.with_recall(store)?
                 .with_recall_cells(args.recall.cells.unwrap_or(usize::MAX))
                 .with_recall_probe(args.recall.probe.unwrap_or(super::RECALL_PROBE))
-                .with_recall_pin(args.recall.pin),
+                .with_recall_pin(args.recall.pin()),
         ),
         _ => {
             anyhow::bail!("--kv-recall brings back ChunkKV's chunks: it needs --kv-method chunkkv")

@@ -107,6 +107,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
     }
     let chunk = args.chunk.shape()?;
+    // Recalling methods that draft take recall's shape defaults.
+    let recall_probe = args.recall.probe.unwrap_or(super::RECALL_PROBE);
+    let recall_chunk = if recall_probe > 0 {
+        args.chunk.for_recall().shape()?
+    } else {
+        chunk.clone()
+    };
     let model = args.model.load()?;
     let train = model.n_ctx_train() as usize;
     let length = match (args.length, args.context.ctx_size) {
@@ -147,7 +154,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         need += 2048 + 256;
     }
     let recall_all = args.recall.mode != crate::compress::RecallMode::Off;
-    let recall_probe = args.recall.probe.unwrap_or(super::RECALL_PROBE);
     if recall_all || args.methods.iter().any(|m| m.recall) {
         // The drafted reply needs cells after the question, beside the answer's.
         need = need.saturating_add(u32::try_from(recall_probe).unwrap_or(u32::MAX));
@@ -172,7 +178,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         recall_dir: args.recall.dir(),
         recall_cells: args.recall.cells,
         recall_probe,
-        recall_pin: args.recall.pin,
+        recall_pin: args.recall.pin(),
+        recall_chunk,
         budgets: args.budgets.clone(),
         chunk,
         reuse: args.chunk.reuse_layers,

@@ -299,15 +299,15 @@ pub struct ChunkArgs {
     #[arg(long = "kv-pool", default_value_t = 0)]
     pub pool: usize,
     /// Carry each token's score to the next N positions before chunking, so
-    /// a fact's value stays with the key a question attends to (0: off;
-    /// alone it lost on the H200 recall grid, with a drafted reply it gained
-    /// a few NIAH questions: docs/results/eval-recall.md).
-    #[arg(long = "kv-trail", default_value_t = 0)]
-    pub trail: usize,
+    /// a fact's value stays with the key a question attends to (0: off)
+    /// [default: 0; 16 when recall drafts replies: docs/results/eval-recall.md].
+    #[arg(long = "kv-trail", value_name = "N")]
+    pub trail: Option<usize>,
     /// How the observation window's queries (and each KV head's query
-    /// group) combine their attention: sum (the paper) or max (KVzip's rule).
-    #[arg(long = "kv-reduce", value_enum, default_value_t = ScoreReduce::Sum)]
-    pub reduce: ScoreReduce,
+    /// group) combine their attention: sum (the paper) or max (KVzip's rule)
+    /// [default: sum; max when recall drafts replies].
+    #[arg(long = "kv-reduce", value_enum)]
+    pub reduce: Option<ScoreReduce>,
     /// Where chunks begin: every --chunk-size tokens, or after each sentence
     /// end (split at twice --chunk-size) [default: tokens; chat documents: sentences].
     #[arg(long = "chunk-by", value_enum)]
@@ -322,6 +322,17 @@ pub struct ChunkArgs {
 }
 
 impl ChunkArgs {
+    /// These flags with recall's defaults where they are silent: with a
+    /// drafted reply the H200 grid kept the most with `--kv-trail 16
+    /// --kv-reduce max` (and `--kv-recall-pin 32`).
+    pub fn for_recall(&self) -> ChunkArgs {
+        ChunkArgs {
+            trail: Some(self.trail.unwrap_or(RECALL_TRAIL)),
+            reduce: Some(self.reduce.unwrap_or(ScoreReduce::Max)),
+            ..self.clone()
+        }
+    }
+
     /// ChunkKV's shape from these flags, refused when a size is 0.
     pub fn shape(&self) -> Result<ChunkKv, CompressError> {
         if self.reuse_layers == 0 {
@@ -335,8 +346,8 @@ impl ChunkArgs {
             chunk_score: self.chunk_score.unwrap_or_default(),
             pool: (self.pool > 1).then_some(self.pool),
             chunking: self.chunk_by.unwrap_or_default(),
-            trail: self.trail,
-            reduce: self.reduce,
+            trail: self.trail.unwrap_or(0),
+            reduce: self.reduce.unwrap_or_default(),
         };
         shape.check()?;
         Ok(shape)
@@ -366,9 +377,10 @@ pub struct RecallArgs {
     pub probe: Option<usize>,
     /// With a draft: the N positions it attends to most (in any layer) are
     /// kept with their chunks in every layer, so a copied value survives
-    /// whole where the layers that carry the copy would each keep part (0: off).
-    #[arg(long = "kv-recall-pin", value_name = "N", default_value_t = 0)]
-    pub pin: usize,
+    /// whole where the layers that carry the copy would each keep part (0: off)
+    /// [default: 32].
+    #[arg(long = "kv-recall-pin", value_name = "N")]
+    pub pin: Option<usize>,
 }
 
 /// Reply tokens a recalling turn drafts unless told otherwise: on the H200
@@ -377,7 +389,20 @@ pub struct RecallArgs {
 /// `--kv-reduce max`).
 pub const RECALL_PROBE: usize = 32;
 
+/// Draft-attended positions kept in every layer unless told otherwise: with
+/// the draft, `--kv-trail 16` and `--kv-reduce max` they lifted NIAH from 93%
+/// to 99% of the full cache on the H200 grid (multi-key RULER 100%).
+pub const RECALL_PIN: usize = 32;
+
+/// `--kv-trail` when recall drafts replies and the flag is not given.
+pub const RECALL_TRAIL: usize = 16;
+
 impl RecallArgs {
+    /// Pinned draft positions: `--kv-recall-pin` or [`RECALL_PIN`].
+    pub fn pin(&self) -> usize {
+        self.pin.unwrap_or(RECALL_PIN)
+    }
+
     /// The file directory of disk mode (`None`: host memory).
     pub fn dir(&self) -> Option<std::path::PathBuf> {
         (self.mode == RecallMode::Disk).then(|| self.dir.clone().unwrap_or_else(std::env::temp_dir))
@@ -524,6 +549,36 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--chunk-size"));
+    }
+
+    /// Recall's shape defaults fill only what the flags leave silent.
+    #[test]
+    fn recall_defaults_fill_only_silent_flags() {
+        use clap::Parser;
+        let chunk_of = |extra: &[&str]| {
+            let argv = ["chunkkv", "chat"].iter().chain(extra);
+            match Cli::try_parse_from(argv).unwrap().command {
+                super::Command::Chat(a) => a.chunk,
+                _ => unreachable!(),
+            }
+        };
+        let silent = chunk_of(&[]);
+        let plain = silent.shape().unwrap();
+        assert_eq!(
+            (plain.trail, plain.reduce),
+            (0, crate::llama::ScoreReduce::Sum)
+        );
+        let recall = silent.for_recall().shape().unwrap();
+        assert_eq!(
+            (recall.trail, recall.reduce),
+            (super::RECALL_TRAIL, crate::llama::ScoreReduce::Max)
+        );
+        let told = chunk_of(&["--kv-trail", "0", "--kv-reduce", "sum"]);
+        let recall = told.for_recall().shape().unwrap();
+        assert_eq!(
+            (recall.trail, recall.reduce),
+            (0, crate::llama::ScoreReduce::Sum)
+        );
     }
 
     #[test]

@@ -62,7 +62,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.n_predict == 0 {
         anyhow::bail!("-n must be at least 1");
     }
-    let shape = args.chunk.shape()?;
+    let recall_probe = args.recall.probe.unwrap_or(0);
+    let shape = if args.recall.mode != crate::compress::RecallMode::Off && recall_probe > 0 {
+        args.chunk.for_recall().shape()?
+    } else {
+        args.chunk.shape()?
+    };
     let path = crate::models::resolve(&args.model.model)?;
     let model_name = path.file_stem().map_or_else(
         || args.model.model.clone(),
@@ -86,8 +91,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             recall: args.recall.mode,
             recall_dir: args.recall.dir.clone(),
             recall_cells: args.recall.cells,
-            recall_probe: args.recall.probe.unwrap_or(0),
-            recall_pin: args.recall.pin,
+            recall_probe,
+            recall_pin: args.recall.pin(),
         },
         queue: args.queue,
         api_key: args.api_key.clone(),

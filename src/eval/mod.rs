@@ -79,6 +79,9 @@ pub struct EvalConfig {
     pub recall_probe: usize,
     /// `--kv-recall-pin`: draft-attended positions kept in every layer.
     pub recall_pin: usize,
+    /// ChunkKV's shape for `+recall` methods (recall's defaults where the
+    /// flags are silent).
+    pub recall_chunk: ChunkKv,
 }
 
 impl EvalConfig {
@@ -366,7 +369,12 @@ fn run_prompt(
             Some(b) => {
                 let m = spec.method;
                 let reuse = if m == Method::Chunkkv { cfg.reuse } else { 1 };
-                let mut c = Compressor::new(ctx, m.policy(&cfg.chunk, cfg.seed)?, w, reuse)?;
+                let shape = if spec.recall {
+                    &cfg.recall_chunk
+                } else {
+                    &cfg.chunk
+                };
+                let mut c = Compressor::new(ctx, m.policy(shape, cfg.seed)?, w, reuse)?;
                 if spec.recall {
                     let store = RecallStore::new(ctx, SEQ, cfg.recall_dir.as_deref())
                         .map_err(CompressError::from)?;

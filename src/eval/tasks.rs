@@ -168,6 +168,10 @@ fn haystack(model: &Model, corpus: &[Token], n: usize, rng: &mut Rng) -> String 
 /// Inserts `needle` at the sentence boundary nearest `depth` (0: start, 1: end).
 pub fn insert_at_depth(hay: &str, needle: &str, depth: f64) -> String {
     let target = (hay.len() as f64 * depth.clamp(0.0, 1.0)) as usize;
+    // A byte offset inside a multi-byte character moves to that character's end.
+    let target = (target..=hay.len())
+        .find(|&i| hay.is_char_boundary(i))
+        .unwrap_or(hay.len());
     let cut = if target == 0 {
         0
     } else if target >= hay.len() {
@@ -178,11 +182,7 @@ pub fn insert_at_depth(hay: &str, needle: &str, depth: f64) -> String {
             .find(". ")
             .map(|i| target + i + 1)
             .filter(|&c| c < hay.len())
-            .unwrap_or_else(|| {
-                (target..=hay.len())
-                    .find(|&i| hay.is_char_boundary(i))
-                    .unwrap()
-            })
+            .unwrap_or(target)
     };
     [hay[..cut].trim_end(), needle, hay[cut..].trim_start()]
         .iter()
@@ -678,6 +678,18 @@ mod tests {
         let mid = insert_at_depth(hay, "N.", 0.5);
         assert!(mid.contains("six. N. Seven"), "{mid}");
         assert_eq!(mid.matches("N.").count(), 1);
+    }
+
+    /// A depth that lands inside a multi-byte character (an em dash in the
+    /// essays) once panicked on the slice.
+    #[test]
+    fn a_depth_inside_a_multibyte_character_still_inserts() {
+        let hay = "ab\u{2014}\u{2014}\u{2014}cd";
+        for k in 0..=20 {
+            let out = insert_at_depth(hay, "N.", k as f64 / 20.0);
+            assert_eq!(out.matches("N.").count(), 1, "{out}");
+            assert_eq!(out.replace("N.", "").replace(' ', ""), hay, "depth {k}/20");
+        }
     }
 
     #[test]
