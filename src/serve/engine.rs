@@ -209,7 +209,7 @@ pub fn run(
     let _ = ready.send(Ok(ctx.seq_capacity()));
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut batch = Batch::new(ctx.n_batch() as usize + cfg.n_slots);
-    let mut tick = 0usize;
+    let mut sched = Schedule::default();
     let mut gauges_at = Instant::now();
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -228,8 +228,8 @@ pub fn run(
             waiting.push_back(j);
         }
         assign(model, &mut ctx, cfg, &mut slots, &mut waiting, &metrics);
-        step(&mut ctx, &mut slots, &mut batch, &metrics, tick);
-        tick = tick.wrapping_add(1);
+        step(&mut ctx, &mut slots, &mut batch, &metrics, &mut sched);
+        sched.tick = sched.tick.wrapping_add(1);
         // The per-slot gauges walk every cell: a few times a second is enough,
         // and always once the work is done.
         let idle = slots.iter().all(Slot::free) && waiting.is_empty();
@@ -482,18 +482,47 @@ fn start(
     Ok(())
 }
 
+/// What the engine remembers between steps to share itself fairly.
+#[derive(Debug, Default)]
+struct Schedule {
+    /// Where the next step's prompt chunks start, so no slot waits behind the others.
+    tick: usize,
+    /// While replies stream, no compression starts before this: a
+    /// compression holds every slot up for its whole length, so each one is
+    /// followed by as long again of decoding (replies keep at least half the
+    /// engine's time, and the slots whose turns wait meanwhile start their
+    /// replies together, in one batch).
+    quiet_until: Option<Instant>,
+}
+
+impl Schedule {
+    /// Whether a compression may run now, `streaming` telling whether any
+    /// slot is generating.
+    fn may_compress(&self, streaming: bool) -> bool {
+        !streaming || self.quiet_until.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// Books a compression that started at `t0` and ends now.
+    fn compressed(&mut self, t0: Instant) {
+        let now = Instant::now();
+        self.quiet_until = Some(now + (now - t0));
+    }
+}
+
 /// One step: decode tokens of the generating slots and chunks of the
 /// prefilling slots together (up to the context's `-b` tokens in all,
-/// [`PREFILL_CHUNK`] per slot, starting at slot `tick` so none waits behind
-/// the others), then compress one slot whose prompt is in or whose cells ran
-/// out.
+/// [`PREFILL_CHUNK`] per slot, starting at slot `sched.tick` so none waits
+/// behind the others), then compress one slot whose prompt is in or whose
+/// cells ran out, unless replies are streaming and the last compression's
+/// time has not been paid back to them yet ([`Schedule`]).
 fn step(
     ctx: &mut Context<'_>,
     slots: &mut [Slot],
     batch: &mut Batch,
     metrics: &Metrics,
-    tick: usize,
+    sched: &mut Schedule,
 ) {
+    let tick = sched.tick;
     batch.clear();
     let mut rows: Vec<(usize, i32)> = Vec::new();
     for (i, s) in slots.iter().enumerate() {
@@ -593,23 +622,39 @@ fn step(
         sample(ctx, s, row, metrics);
     }
     // One compression per step. First a slot whose head is in (its client
-    // waits for the first token): its window, scored, then compaction.
+    // waits for the first token): its window, scored, then compaction. A
+    // slot without compression only decodes its window: never held back.
+    let streaming = !rows.is_empty();
+    let may = sched.may_compress(streaming);
+    let t0 = Instant::now();
     if let Some(i) = slots.iter().position(|s| {
         s.work.as_ref().is_some_and(|w| {
-            w.next.is_none() && w.fill != Fill::Segmented && w.done + w.window >= w.pending.len()
+            w.next.is_none()
+                && w.fill != Fill::Segmented
+                && w.done + w.window >= w.pending.len()
+                && (may || w.budget.is_none())
         })
     }) {
+        let compresses = slots[i].work.as_ref().is_some_and(|w| w.budget.is_some());
         compress_window(ctx, &mut slots[i], metrics);
+        if compresses {
+            sched.compressed(t0);
+        }
+        return;
+    }
+    if !may {
         return;
     }
     // A prompt that does not fit the free cells: one segment, compressed.
     if let Some(i) = segment {
         prefill_segment(ctx, &mut slots[i], metrics);
+        sched.compressed(t0);
         return;
     }
     // A chunked prompt that filled its slot: its next tokens score, then compaction.
     if let Some(i) = squeeze {
         squeeze_slot(ctx, &mut slots[i], metrics);
+        sched.compressed(t0);
     }
 }
 
@@ -906,6 +951,22 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A compression of 200 ms keeps the next one off for as long while
+    /// replies stream, and never holds one back when nothing streams.
+    #[test]
+    fn a_compression_is_paid_back_to_streaming_replies_first() {
+        let mut sched = Schedule::default();
+        assert!(sched.may_compress(true) && sched.may_compress(false));
+        sched.compressed(Instant::now() - Duration::from_millis(200));
+        assert!(!sched.may_compress(true), "replies get the next 200 ms");
+        assert!(
+            sched.may_compress(false),
+            "nothing streams: no reason to wait"
+        );
+        sched.quiet_until = Some(Instant::now() - Duration::from_millis(1));
+        assert!(sched.may_compress(true), "paid back");
+    }
 
     #[test]
     fn a_stop_string_in_the_making_is_held_back() {
