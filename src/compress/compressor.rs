@@ -1374,7 +1374,8 @@ impl Compressor {
                 }
             }
         }
-        let mut ranked: Vec<(Pos, f32)> = best.into_iter().collect();
+        // A draft that ended at once attended to nothing: nothing to pin.
+        let mut ranked: Vec<(Pos, f32)> = best.into_iter().filter(|&(_, s)| s > 0.0).collect();
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
         ranked.truncate(self.recall_pin);
         ranked.into_iter().map(|(p, _)| p).collect()
