@@ -1582,29 +1582,30 @@ impl Compressor {
                 group_of[l] = g;
             }
         }
-        (0..self.layers.len())
-            .map(|l| {
-                (0..self.heads[l])
-                    .map(|h| {
-                        let kept: std::collections::HashSet<Pos> =
-                            sel.kept_pos[l][h].iter().copied().collect();
-                        let score = |c: usize| {
-                            importance
-                                .get(group_of[l])
-                                .and_then(|imp| imp.get(h, c))
-                                .unwrap_or(0.0)
-                        };
-                        (0..meta.len())
-                            .filter_map(|c| {
-                                let p = self.slots.position(l, h, c, meta)?;
-                                (!kept.contains(&p) && !store.contains(l, h, p))
-                                    .then(|| (c, p, score(c)))
-                            })
-                            .collect()
-                    })
-                    .collect()
-            })
-            .collect()
+        // Layers are independent: one per core (a walk over every cell of
+        // every layer and head, with two set lookups each).
+        let layers: Vec<usize> = (0..self.layers.len()).collect();
+        par_map(&layers, |_, &l| {
+            (0..self.heads[l])
+                .map(|h| {
+                    let kept: std::collections::HashSet<Pos> =
+                        sel.kept_pos[l][h].iter().copied().collect();
+                    let score = |c: usize| {
+                        importance
+                            .get(group_of[l])
+                            .and_then(|imp| imp.get(h, c))
+                            .unwrap_or(0.0)
+                    };
+                    (0..meta.len())
+                        .filter_map(|c| {
+                            let p = self.slots.position(l, h, c, meta)?;
+                            (!kept.contains(&p) && !store.contains(l, h, p))
+                                .then(|| (c, p, score(c)))
+                        })
+                        .collect()
+                })
+                .collect()
+        })
     }
 
     fn leader_flags(&self, ctx: &Context<'_>) -> Vec<bool> {

@@ -16,6 +16,14 @@ use std::path::{Path, PathBuf};
 
 use crate::llama::{Context, KvLayerLayout, KvPart, Pos, RowsError, SeqId};
 
+/// Most bytes of read buffers a thread keeps between captures.
+const KEPT_READS: usize = 256 << 20;
+
+thread_local! {
+    /// Each thread's read buffers, kept from one capture to the next.
+    static READS: std::cell::RefCell<Vec<LayerRead>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// One layer's rows as the device holds them: K, then V (rows, or runs per
 /// dimension when transposed).
 type DeviceRows = (Vec<u8>, Vec<u8>);
@@ -108,6 +116,49 @@ impl LayerRows {
     /// Bytes of one record: a KV head's K row, then its V row.
     fn record(&self) -> usize {
         self.layout.k_head_bytes + self.layout.v_head_bytes
+    }
+
+    /// Appends the records of `heads`' entries not held yet to host memory;
+    /// returns the bytes added.
+    fn keep_in_memory(&mut self, read: &LayerRead, heads: &[Vec<Evicted>]) -> u64 {
+        let lay = self.layout;
+        let size = self.record();
+        let mut added = 0u64;
+        for (h, (head, entries)) in self.heads.iter_mut().zip(heads).enumerate() {
+            head.data.reserve(entries.len() * size);
+            for &(c, p, score) in entries {
+                if head.index.contains_key(&p) {
+                    continue;
+                }
+                let at = head.data.len();
+                head.data.resize(at + size, 0);
+                read.record(&lay, c, h, &mut head.data[at..]);
+                head.index.insert(p, head.pos.len() as u32);
+                head.pos.push(p);
+                head.score.push(score);
+                added += size as u64;
+            }
+        }
+        added
+    }
+}
+
+/// Storage layer rows read from the device for one capture: K rows from
+/// cell `lo` on, V rows from cell `v_lo` on (or the whole transposed V).
+#[derive(Default)]
+struct LayerRead {
+    k: Vec<u8>,
+    lo: usize,
+    v: Vec<u8>,
+    v_lo: usize,
+}
+
+impl LayerRead {
+    /// Cell `c`, KV head `h`'s record (K row, then V row) into `out`.
+    fn record(&self, lay: &KvLayerLayout, c: usize, h: usize, out: &mut [u8]) {
+        let ko = ((c - self.lo) * lay.n_head_kv + h) * lay.k_head_bytes;
+        out[..lay.k_head_bytes].copy_from_slice(&self.k[ko..ko + lay.k_head_bytes]);
+        fill_v(lay, &self.v, self.v_lo, c, h, &mut out[lay.k_head_bytes..]);
     }
 }
 
@@ -257,44 +308,78 @@ impl RecallStore {
         seq: SeqId,
         evicted: &[Vec<Vec<Evicted>>],
     ) -> Result<u64, RecallError> {
+        // The device reads go one after another (one context); the records
+        // are then built layer by layer on all cores when they stay in memory.
+        // The read buffers of this thread's last capture are reused (fresh
+        // ones fault in every page they are written to), up to
+        // `KEPT_READS` bytes: a capture of a long chat's whole cache is not
+        // worth holding on to.
+        let mut reads = READS.with(|r| std::mem::take(&mut *r.borrow_mut()));
+        reads.resize_with(evicted.len(), LayerRead::default);
         let mut moved = 0u64;
+        let mut any = vec![false; evicted.len()];
+        let mut result = Ok(());
         for (l, heads) in evicted.iter().enumerate() {
-            let Some((lo, hi)) = heads.iter().flatten().map(|&(c, _, _)| c).fold(
-                None,
-                |acc: Option<(usize, usize)>, c| {
-                    Some(acc.map_or((c, c), |(a, b)| (a.min(c), b.max(c))))
-                },
-            ) else {
+            match self.read_layer(ctx, seq, l, heads, &mut reads[l]) {
+                Ok(a) => any[l] = a,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+            if any[l] {
+                moved += (reads[l].k.len() + reads[l].v.len()) as u64;
+            }
+        }
+        if result.is_ok() {
+            result = self.keep(&reads, &any, evicted);
+        }
+        let held: usize = reads.iter().map(|r| r.k.capacity() + r.v.capacity()).sum();
+        if held <= KEPT_READS {
+            READS.with(|r| *r.borrow_mut() = reads);
+        }
+        result.map(|()| moved)
+    }
+
+    /// The records of `evicted`'s entries not held yet, from `reads` (layers
+    /// flagged in `any`): in memory, layer by layer on all cores; on disk,
+    /// appended in order.
+    fn keep(
+        &mut self,
+        reads: &[LayerRead],
+        any: &[bool],
+        evicted: &[Vec<Vec<Evicted>>],
+    ) -> Result<(), RecallError> {
+        if self.disk.is_none() {
+            use rayon::prelude::*;
+            let added: u64 = self
+                .layers
+                .par_iter_mut()
+                .zip(reads.par_iter().zip(any.par_iter()))
+                .zip(evicted.par_iter())
+                .map(|((layer, (read, &any)), heads)| {
+                    if any {
+                        layer.keep_in_memory(read, heads)
+                    } else {
+                        0
+                    }
+                })
+                .sum();
+            self.bytes += added;
+            return Ok(());
+        }
+        for (l, (r, heads)) in reads.iter().zip(evicted).enumerate() {
+            if !any[l] {
                 continue;
-            };
+            }
             let lay = self.layers[l].layout;
-            let k_row = lay.k_head_bytes * lay.n_head_kv;
-            let mut k = vec![0u8; (hi + 1 - lo) * k_row];
-            ctx.kv_read(KvPart::Base, seq, l, false, lo * k_row, &mut k)?;
-            moved += k.len() as u64;
-            // V: the rows of the same cells, or (transposed) the whole tensor.
-            let (v, v_lo) = if lay.v_head_bytes == 0 {
-                (Vec::new(), 0)
-            } else if lay.v_trans {
-                let mut v = vec![0u8; lay.v_bytes];
-                ctx.kv_read(KvPart::Base, seq, l, true, 0, &mut v)?;
-                (v, 0)
-            } else {
-                let v_row = lay.v_head_bytes * lay.n_head_kv;
-                let mut v = vec![0u8; (hi + 1 - lo) * v_row];
-                ctx.kv_read(KvPart::Base, seq, l, true, lo * v_row, &mut v)?;
-                (v, lo)
-            };
-            moved += v.len() as u64;
             let mut record = vec![0u8; self.layers[l].record()];
             for (h, entries) in heads.iter().enumerate() {
                 for &(c, p, score) in entries {
                     if self.contains(l, h, p) {
                         continue;
                     }
-                    let ko = ((c - lo) * lay.n_head_kv + h) * lay.k_head_bytes;
-                    record[..lay.k_head_bytes].copy_from_slice(&k[ko..ko + lay.k_head_bytes]);
-                    fill_v(&lay, &v, v_lo, c, h, &mut record[lay.k_head_bytes..]);
+                    r.record(&lay, c, h, &mut record);
                     self.push(l, h, p, score, &record)?;
                 }
             }
@@ -302,7 +387,48 @@ impl RecallStore {
         if let Some(d) = self.disk.as_mut() {
             d.flush()?;
         }
-        Ok(moved)
+        Ok(())
+    }
+
+    /// Storage layer `l`'s K rows (and V rows, or the whole transposed V)
+    /// spanning the cells of `heads`' entries, into `out`; false when there
+    /// are none.
+    fn read_layer(
+        &self,
+        ctx: &Context<'_>,
+        seq: SeqId,
+        l: usize,
+        heads: &[Vec<Evicted>],
+        out: &mut LayerRead,
+    ) -> Result<bool, RecallError> {
+        let Some((lo, hi)) = heads.iter().flatten().map(|&(c, _, _)| c).fold(
+            None,
+            |acc: Option<(usize, usize)>, c| {
+                Some(acc.map_or((c, c), |(a, b)| (a.min(c), b.max(c))))
+            },
+        ) else {
+            return Ok(false);
+        };
+        let lay = self.layers[l].layout;
+        let k_row = lay.k_head_bytes * lay.n_head_kv;
+        out.k.resize((hi + 1 - lo) * k_row, 0);
+        out.lo = lo;
+        ctx.kv_read(KvPart::Base, seq, l, false, lo * k_row, &mut out.k)?;
+        // V: the rows of the same cells, or (transposed) the whole tensor.
+        if lay.v_head_bytes == 0 {
+            out.v.clear();
+            out.v_lo = 0;
+        } else if lay.v_trans {
+            out.v.resize(lay.v_bytes, 0);
+            out.v_lo = 0;
+            ctx.kv_read(KvPart::Base, seq, l, true, 0, &mut out.v)?;
+        } else {
+            let v_row = lay.v_head_bytes * lay.n_head_kv;
+            out.v.resize((hi + 1 - lo) * v_row, 0);
+            out.v_lo = lo;
+            ctx.kv_read(KvPart::Base, seq, l, true, lo * v_row, &mut out.v)?;
+        }
+        Ok(true)
     }
 
     fn push(
