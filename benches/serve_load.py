@@ -130,12 +130,17 @@ def conversation(args, i, doc, code, stats):
         extra["chunkkv"] = {"kv_method": args.method}
         if args.budget:
             extra["chunkkv"]["kv_budget"] = args.budget
-    turns = [
-        f"Here is a document.\n\n{doc}\n\nRemember the access code of vault {i}. "
-        "In one short sentence, what is the document about?",
-        "Name one idea from the document, briefly.",
-        f"What is the access code of vault {i}? Answer with the number only.",
-    ]
+    question = f"What is the access code of vault {i}? Answer with the number only."
+    if args.turns == 1:
+        # The question right after the document: recall without earlier turns.
+        turns = [f"Here is a document.\n\n{doc}\n\n{question}"]
+    else:
+        turns = [
+            f"Here is a document.\n\n{doc}\n\nRemember the access code of vault {i}. "
+            "In one short sentence, what is the document about?",
+            "Name one idea from the document, briefly.",
+            question,
+        ]
     messages = []
     for k, turn in enumerate(turns):
         messages.append({"role": "user", "content": turn})
@@ -190,6 +195,13 @@ def main():
         help="document length in tokens (about 4 characters each), or a range LO-HI drawn per conversation",
     )
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument(
+        "--turns",
+        type=int,
+        choices=(1, 3),
+        default=3,
+        help="3: document, a summary, an idea, then the question; 1: the question right after the document",
+    )
     ap.add_argument("--method", help="per-request chunkkv.kv_method (default: the server's)")
     ap.add_argument("--budget", help="per-request chunkkv.kv_budget")
     ap.add_argument("--label", default="")
