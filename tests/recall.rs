@@ -147,6 +147,11 @@ fn recall_works_with_a_transposed_v_cache() {
     run_recall_case(FlashAttn::Off, 0, 0);
 }
 
+/// Whether every layer keeps at least as many of the fact's tokens in `more` as in `less`.
+fn keeps_at_least(more: &[usize], less: &[usize]) -> bool {
+    more.iter().zip(less).all(|(m, l)| m >= l)
+}
+
 /// With a drafted reply scoring the recall, the draft is gone before the
 /// reply (the cache ends with the question; `run_recall_case` checks it),
 /// the budget holds, the fact comes back and answers, and no layer keeps
@@ -158,7 +163,7 @@ fn a_drafted_reply_leaves_no_trace_and_the_fact_still_comes_back() {
     let probed = run_recall_case(FlashAttn::On, 8, 0);
     eprintln!("fact tokens kept per layer: {plain:?} question only, {probed:?} with a draft");
     assert!(
-        probed.iter().zip(&plain).all(|(p, q)| p >= q),
+        keeps_at_least(&probed, &plain),
         "a draft must not lose the fact's tokens in any layer"
     );
 }
@@ -172,7 +177,7 @@ fn pinned_draft_positions_keep_the_fact_in_every_layer() {
     let pinned = run_recall_case(FlashAttn::On, 8, 16);
     eprintln!("fact tokens kept per layer: {unpinned:?} unpinned, {pinned:?} pinned");
     assert!(
-        pinned.iter().zip(&unpinned).all(|(p, q)| p >= q),
+        keeps_at_least(&pinned, &unpinned),
         "pins must not lose the fact's tokens in any layer"
     );
     assert!(

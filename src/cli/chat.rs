@@ -87,9 +87,7 @@ impl ChatArgs {
 
 pub fn run(mut args: ChatArgs) -> anyhow::Result<()> {
     // Recall that drafts replies takes recall's shape defaults.
-    if args.recall.mode != crate::compress::RecallMode::Off
-        && args.recall.probe.unwrap_or(super::RECALL_PROBE) > 0
-    {
+    if args.recall.drafts() {
         args.chunk = args.chunk.for_recall();
     }
     if args.n_predict == 0 {
@@ -135,7 +133,7 @@ pub fn run(mut args: ChatArgs) -> anyhow::Result<()> {
         (Some(c), Some(store)) if method == Method::Chunkkv => Some(
             c.with_recall(store)?
                 .with_recall_cells(args.recall.cells.unwrap_or(usize::MAX))
-                .with_recall_probe(args.recall.probe.unwrap_or(super::RECALL_PROBE))
+                .with_recall_probe(args.recall.probe())
                 .with_recall_pin(args.recall.pin()),
         ),
         _ => {

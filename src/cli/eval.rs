@@ -108,7 +108,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     let chunk = args.chunk.shape()?;
     // Recalling methods that draft take recall's shape defaults.
-    let recall_probe = args.recall.probe.unwrap_or(super::RECALL_PROBE);
+    let recall_probe = args.recall.probe();
     let recall_chunk = if recall_probe > 0 {
         args.chunk.for_recall().shape()?
     } else {

@@ -402,6 +402,17 @@ impl RecallArgs {
         self.pin.unwrap_or(RECALL_PIN)
     }
 
+    /// Drafted reply tokens: `--kv-recall-probe` or [`RECALL_PROBE`].
+    pub fn probe(&self) -> usize {
+        self.probe.unwrap_or(RECALL_PROBE)
+    }
+
+    /// Whether recall is on and drafts replies: then ChunkKV's shape takes
+    /// recall's defaults ([`ChunkArgs::for_recall`]).
+    pub fn drafts(&self) -> bool {
+        self.mode != RecallMode::Off && self.probe() > 0
+    }
+
     /// The file directory of disk mode (`None`: host memory).
     pub fn dir(&self) -> Option<std::path::PathBuf> {
         (self.mode == RecallMode::Disk).then(|| self.dir.clone().unwrap_or_else(std::env::temp_dir))

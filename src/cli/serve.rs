@@ -62,8 +62,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.n_predict == 0 {
         anyhow::bail!("-n must be at least 1");
     }
-    let recall_probe = args.recall.probe.unwrap_or(super::RECALL_PROBE);
-    let shape = if args.recall.mode != crate::compress::RecallMode::Off && recall_probe > 0 {
+    let recall_probe = args.recall.probe();
+    let shape = if args.recall.drafts() {
         args.chunk.for_recall().shape()?
     } else {
         args.chunk.shape()?

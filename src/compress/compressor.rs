@@ -1273,17 +1273,17 @@ impl Compressor {
         let mut window_scores = None;
         if probing && decoded.is_ok() && self.recall_pin > 0 {
             let leaders = self.leader_flags(ctx);
+            let reduce = self.policy.score_reduce();
             let restarted = self.read_importance(ctx).and_then(|s| {
-                window_scores = Some(s);
-                Ok(ctx.importance_begin(
-                    &leaders,
-                    ScoreRows::Last(1),
-                    self.policy.score_reduce(),
-                )?)
+                ctx.importance_begin(&leaders, ScoreRows::Last(1), reduce)?;
+                Ok(s)
             });
-            if let Err(e) = restarted {
-                ctx.importance_end();
-                return Err(e);
+            match restarted {
+                Ok(s) => window_scores = Some(s),
+                Err(e) => {
+                    ctx.importance_end();
+                    return Err(e);
+                }
             }
         }
         if probing && decoded.is_ok() {
@@ -1314,10 +1314,7 @@ impl Compressor {
             let pins = self.draft_pins(&meta, &importance, tail_start);
             let reduce = self.policy.score_reduce();
             for (imp, win) in importance.iter_mut().zip(&window) {
-                match reduce {
-                    ScoreReduce::Sum => imp.add(win),
-                    ScoreReduce::Max => imp.max_with(win),
-                }
+                imp.merge(win, reduce);
             }
             self.pin_positions(&meta, &mut importance, &pins);
         }

@@ -106,6 +106,15 @@ struct HeadRows {
     sum: Vec<u64>,
 }
 
+impl HeadRows {
+    /// Records that position `p` (evicted with `score`) is the next entry.
+    fn enter(&mut self, p: Pos, score: f32) {
+        self.index.insert(p, self.pos.len() as u32);
+        self.pos.push(p);
+        self.score.push(score);
+    }
+}
+
 #[derive(Debug)]
 struct LayerRows {
     layout: KvLayerLayout,
@@ -133,9 +142,7 @@ impl LayerRows {
                 let at = head.data.len();
                 head.data.resize(at + size, 0);
                 read.record(&lay, c, h, &mut head.data[at..]);
-                head.index.insert(p, head.pos.len() as u32);
-                head.pos.push(p);
-                head.score.push(score);
+                head.enter(p, score);
                 added += size as u64;
             }
         }
@@ -380,7 +387,7 @@ impl RecallStore {
                         continue;
                     }
                     r.record(&lay, c, h, &mut record);
-                    self.push(l, h, p, score, &record)?;
+                    self.append_to_file(l, h, p, score, &record);
                 }
             }
         }
@@ -431,29 +438,16 @@ impl RecallStore {
         Ok(true)
     }
 
-    fn push(
-        &mut self,
-        l: usize,
-        h: usize,
-        p: Pos,
-        score: f32,
-        record: &[u8],
-    ) -> Result<(), RecallError> {
+    /// Appends one record to the file (host memory takes whole layers in
+    /// `LayerRows::keep_in_memory`).
+    fn append_to_file(&mut self, l: usize, h: usize, p: Pos, score: f32, record: &[u8]) {
+        let Some(d) = self.disk.as_mut() else { return };
         let head = &mut self.layers[l].heads[h];
-        let id = head.pos.len() as u32;
-        match self.disk.as_mut() {
-            None => head.data.extend_from_slice(record),
-            Some(d) => {
-                head.at.push(d.len);
-                head.sum.push(fnv1a(record));
-                d.append(record);
-            }
-        }
-        head.index.insert(p, id);
-        head.pos.push(p);
-        head.score.push(score);
+        head.at.push(d.len);
+        head.sum.push(fnv1a(record));
+        d.append(record);
+        head.enter(p, score);
         self.bytes += record.len() as u64;
-        Ok(())
     }
 
     /// Writes the held rows of `picks[l][h]` (the same count for every layer

@@ -149,26 +149,23 @@ impl LayerImportance {
         }
     }
 
-    /// Keeps the larger of the two scores head by head and cell by cell
-    /// (passes combined by `ScoreReduce::Max`).
-    pub fn max_with(&mut self, other: &LayerImportance) {
-        let n = self.n_cells.min(other.n_cells);
-        for h in 0..self.n_heads().min(other.n_heads()) {
-            let acc = &mut self.scores[h * self.n_cells..h * self.n_cells + n];
-            for (a, x) in acc.iter_mut().zip(&other.head(h)[..n]) {
-                *a = a.max(*x);
-            }
-        }
-    }
-
     /// Adds `other`'s scores head by head and cell by cell (scores from
     /// several passes or several layers of one reuse group).
     pub fn add(&mut self, other: &LayerImportance) {
+        self.merge(other, ScoreReduce::Sum);
+    }
+
+    /// Combines `other`'s scores into these head by head and cell by cell,
+    /// as `reduce` combines the passes of one scoring.
+    pub fn merge(&mut self, other: &LayerImportance, reduce: ScoreReduce) {
         let n = self.n_cells.min(other.n_cells);
         for h in 0..self.n_heads().min(other.n_heads()) {
             let acc = &mut self.scores[h * self.n_cells..h * self.n_cells + n];
-            for (a, x) in acc.iter_mut().zip(&other.head(h)[..n]) {
-                *a += x;
+            for (a, &x) in acc.iter_mut().zip(&other.head(h)[..n]) {
+                *a = match reduce {
+                    ScoreReduce::Sum => *a + x,
+                    ScoreReduce::Max => a.max(x),
+                };
             }
         }
     }
