@@ -361,6 +361,41 @@ fn a_turn_ranks_more_evicted_rows_than_its_free_cells_hold() {
 }
 
 #[test]
+fn a_question_sent_with_its_document_gets_room_to_recall() {
+    // Document and question in one message, four times the context: the
+    // document's tail is compressed into the store before the question's
+    // window goes in, so the question ranks and writes back held rows into
+    // about the room a compressed cache leaves, not the few cells the
+    // uncompressed tail would leave it.
+    let n_ctx = 1024;
+    let model = qwen();
+    let mut chat = session(ctx(model, n_ctx, FlashAttn::On), None);
+    let hay = essays(14000);
+    let cut = hay[..hay.len() / 3].rfind(' ').unwrap();
+    let message = format!(
+        "Read this text.\n{}{FACT}{}\nWhat is the secret code of the blue lighthouse? Answer with the code.",
+        &hay[..cut],
+        &hay[cut..]
+    );
+    let never = AtomicBool::new(false);
+    let mut text = String::new();
+    let reply = chat
+        .turn(&message, &never, &mut |_| {}, |t| text.push_str(t))
+        .unwrap();
+    let s = chat.stats().unwrap();
+    let r = s.recall_last.expect("the question recalled");
+    let kept = Budget::Ratio(0.1).cells_for(reply.n_prompt);
+    let settled_room = n_ctx as usize - kept - 32 - 12;
+    eprintln!("{r:?}, {kept} kept, room {settled_room}, answer {text:?}");
+    assert!(
+        r.uploaded * 2 >= settled_room,
+        "{} cells written back; a compressed cache leaves {settled_room}",
+        r.uploaded
+    );
+    assert!(text.contains("7319"), "{text:?}");
+}
+
+#[test]
 fn an_unwritable_recall_dir_is_a_clear_error() {
     let file = std::env::temp_dir().join(format!("chunkkv-recall-notadir-{}", std::process::id()));
     std::fs::write(&file, b"x").unwrap();

@@ -89,11 +89,30 @@ pub fn feed(
         };
         let fits = rest + reserve <= free && rest + scratch <= free;
         // A segment fills the free cells (one stays for the compression's room).
-        let seg = if fits {
+        let mut seg = if fits {
             rest
         } else {
             rest.min(free.saturating_sub(1 + scratch))
         };
+        // A turn's last part over held rows: its window recalls on its own
+        // when the part would leave it too little room.
+        let w = compressor.window();
+        if ends_turn
+            && seg == rest
+            && seg > w
+            && compressor.recall_store().is_some_and(|r| r.bytes() > 0)
+            && settles(Settle {
+                budget,
+                capacity: n_ctx,
+                free,
+                prefilled: cursor.prefilled,
+                left: rest,
+                window: w,
+                reserve,
+            })
+        {
+            seg -= w;
+        }
         if seg == 0 {
             return Err(StreamError::Full {
                 need: rest + reserve,
@@ -159,6 +178,36 @@ pub fn feed(
     Ok(())
 }
 
+/// A turn's text about to go in on top of held rows (see [`settles`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Settle {
+    pub budget: Budget,
+    /// Cells of the sequence's stream, and how many are free now.
+    pub capacity: usize,
+    pub free: usize,
+    /// Tokens prefilled so far, and those of the turn still to go in.
+    pub prefilled: usize,
+    pub left: usize,
+    pub window: usize,
+    /// Cells to leave free after the text (the reply).
+    pub reserve: usize,
+}
+
+/// Whether the text before a turn's window should be compressed once more
+/// (by its own last window, query-agnostic) before the window goes in. With
+/// recall the window ranks the held rows in the cells left free, batch by
+/// batch, and writes back only as many as fit, so a cache still full of the
+/// text's uncompressed tail leaves it a fraction of the room; that
+/// compression moves the tail into the store, where the window ranks it with
+/// everything else. Only when the room would be under half of what it is
+/// after compressing to the budget (a long text's last part, not a chat turn).
+pub fn settles(at: Settle) -> bool {
+    let room_now = at.free.saturating_sub(at.left + at.reserve);
+    let kept = at.budget.cells_for(at.prefilled + at.left).max(at.window);
+    let room_settled = at.capacity.saturating_sub(kept + at.window + at.reserve);
+    room_now * 2 < room_settled
+}
+
 /// Where one segment's compression stands (see [`segment_keep`]).
 #[derive(Debug, Clone, Copy)]
 pub struct SegmentAt {
@@ -203,4 +252,38 @@ pub fn segment_keep(at: SegmentAt) -> (usize, Keep) {
         recall: at.recall,
     };
     (n_keep, keep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(free: usize, prefilled: usize, left: usize) -> Settle {
+        Settle {
+            budget: Budget::Ratio(0.1),
+            capacity: 6912,
+            free,
+            prefilled,
+            left,
+            window: 32,
+            reserve: 25,
+        }
+    }
+
+    #[test]
+    fn a_documents_uncompressed_tail_settles_before_its_question() {
+        // A 32k-token document in a 6,912-cell slot: 2.8k kept, 3.3k of its
+        // tail fresh, 64 tokens to go. The question would get ~700 cells;
+        // compressed first, ~3.6k.
+        assert!(settles(at(6912 - 6100, 31_000, 64)));
+    }
+
+    #[test]
+    fn a_chat_turn_on_a_compressed_cache_does_not() {
+        // The third turn of that conversation: 3.2k kept, the reply and a
+        // 50-token question on top.
+        assert!(!settles(at(6912 - 3300, 32_100, 50)));
+        // Nothing held back and all the room there is: nothing to gain.
+        assert!(!settles(at(6912, 0, 2000)));
+    }
 }

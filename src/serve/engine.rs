@@ -10,7 +10,9 @@
 //! longest any slot waits for another. A prompt longer than the slot's free
 //! cells goes in the same chunks, and whenever the slot runs out of cells its
 //! next `w` tokens score it and it is compressed to its budget (one
-//! compression per fill, not per chunk). Only a prompt scored by
+//! compression per fill, not per chunk); with recall, once more before its
+//! question when the document's tail would crowd the question's recall out
+//! (`stream::settles`). Only a prompt scored by
 //! reconstruction goes through the segmented prefill of `compress::stream`,
 //! a segment per step.
 
@@ -558,6 +560,11 @@ fn step(
             .compressor
             .as_ref()
             .is_some_and(|c| !c.needs_reconstruction());
+        let recalls = s
+            .compressor
+            .as_ref()
+            .and_then(Compressor::recall_store)
+            .is_some_and(|r| r.bytes() > 0);
         let w = s.work.as_mut().expect("prefilling slot has work");
         let head = w.pending.len() - w.window;
         // Reconstruction decodes its prompts and a chunk (64 tokens at least) on top.
@@ -577,7 +584,16 @@ fn step(
             segment = segment.or(Some(i));
             continue;
         }
-        let left = head - w.done;
+        let mut left = head - w.done;
+        if w.fill == Fill::Chunked && recalls {
+            if left > w.window {
+                // The head's last window is held back for `settles` below.
+                left -= w.window;
+            } else if settles(w, s.cursor.prefilled, free, ctx.seq_capacity()) {
+                squeeze = squeeze.or(Some(i));
+                continue;
+            }
+        }
         let mut n = left.min(PREFILL_CHUNK);
         if w.fill == Fill::Chunked && !fits {
             // Cells stay free for the window that scores the next compression.
@@ -656,6 +672,22 @@ fn step(
         squeeze_slot(ctx, &mut slots[i], metrics);
         sched.compressed(t0);
     }
+}
+
+/// [`stream::settles`] for a chunked prompt whose head is in but for its
+/// last window (held back to score that compression).
+fn settles(w: &Work, prefilled: usize, free: usize, capacity: usize) -> bool {
+    w.budget.is_some_and(|budget| {
+        stream::settles(stream::Settle {
+            budget,
+            capacity,
+            free,
+            prefilled,
+            left: w.pending.len() - w.done,
+            window: w.window,
+            reserve: w.job.max_tokens + 1,
+        })
+    })
 }
 
 /// The last `window` prompt tokens with importance on, and the compression
