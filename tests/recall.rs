@@ -11,7 +11,7 @@ use chunkkv::chat::ChatSession;
 use chunkkv::compress::{Budget, ChunkKv, Compressor, RecallStore};
 use chunkkv::llama::{
     Backend, Context, ContextParams, FlashAttn, KvPart, Model, ModelParams, Sampler,
-    SamplingParams, Token,
+    SamplingParams, ScoreReduce, Token,
 };
 use chunkkv::pipeline::{self, SEQ};
 use common::{essays, model_path};
@@ -369,7 +369,24 @@ fn a_question_sent_with_its_document_gets_room_to_recall() {
     // uncompressed tail would leave it.
     let n_ctx = 1024;
     let model = qwen();
-    let mut chat = session(ctx(model, n_ctx, FlashAttn::On), None);
+    // Recall's defaults in `chat` (cli RECALL_*): max over the window, a
+    // 16-token trail, a 32-token draft whose 32 most attended positions stay.
+    let ctx = ctx(model, n_ctx, FlashAttn::On);
+    let shape = ChunkKv {
+        trail: 16,
+        reduce: ScoreReduce::Max,
+        ..ChunkKv::default()
+    };
+    let store = RecallStore::new(&ctx, SEQ, None).unwrap();
+    let c = Compressor::new(&ctx, Box::new(shape), 32, 2)
+        .unwrap()
+        .with_recall(store)
+        .unwrap()
+        .with_recall_probe(32)
+        .with_recall_pin(32);
+    let sampler = Sampler::new(&SamplingParams::greedy());
+    let mut chat =
+        ChatSession::new(ctx, sampler, Some(c), true, Budget::Ratio(0.1), 12, None).unwrap();
     let hay = essays(14000);
     let cut = hay[..hay.len() / 3].rfind(' ').unwrap();
     let message = format!(
