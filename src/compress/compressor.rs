@@ -655,6 +655,14 @@ impl Compressor {
             }
             i += b;
         }
+        // A layer holding more rows than the shortest has its last ones
+        // unranked: their scores at eviction are on another scale, so they
+        // come back only behind every ranked row.
+        for a in avail.iter_mut() {
+            for entry in a.iter_mut().skip(total) {
+                entry.1 = 0.0;
+            }
+        }
         Ok(())
     }
 
