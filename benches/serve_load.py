@@ -141,6 +141,9 @@ def conversation(args, i, doc, code, stats):
             "Name one idea from the document, briefly.",
             question,
         ]
+        if args.turns == 2:
+            # The summary turn, then the question: the idea turn left out.
+            turns = [turns[0], question]
     messages = []
     for k, turn in enumerate(turns):
         messages.append({"role": "user", "content": turn})
@@ -198,9 +201,10 @@ def main():
     ap.add_argument(
         "--turns",
         type=int,
-        choices=(1, 3),
+        choices=(1, 2, 3),
         default=3,
-        help="3: document, a summary, an idea, then the question; 1: the question right after the document",
+        help="3: document, a summary, an idea, then the question; 2: without the idea; "
+        "1: the question right after the document",
     )
     ap.add_argument("--method", help="per-request chunkkv.kv_method (default: the server's)")
     ap.add_argument("--budget", help="per-request chunkkv.kv_budget")

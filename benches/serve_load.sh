@@ -10,7 +10,7 @@
 #   uncompressed server once more with a queue, so every conversation is answered:
 #   its recall over all N documents is the quality floor's reference), NONE=0 (skip the
 #   uncompressed server), TURNS=1 (the question right after the document, no
-#   earlier turns)
+#   earlier turns) or 2 (a summary turn, then the question)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: benches/serve_load.sh OUT_DIR}"
