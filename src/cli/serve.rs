@@ -45,6 +45,11 @@ pub struct ServeArgs {
     pub chunk: ChunkArgs,
     #[command(flatten)]
     pub recall: RecallArgs,
+    /// Debug: after every compression, log (info) how many of the tokens at
+    /// each occurrence of TEXT in a conversation (and the 12 after it) each
+    /// layer keeps, to follow a fact through a conversation's compressions.
+    #[arg(long = "kv-trace", value_name = "TEXT")]
+    pub trace: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -93,6 +98,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             recall_cells: args.recall.cells,
             recall_probe,
             recall_pin: args.recall.pin(),
+            trace: args.trace.clone().filter(|t| !t.is_empty()),
         },
         queue: args.queue,
         api_key: args.api_key.clone(),

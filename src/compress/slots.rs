@@ -19,6 +19,11 @@ impl SlotTable {
         self.pos.first().and_then(|l| l.first()).map_or(0, Vec::len)
     }
 
+    /// Storage layers covered by the table.
+    pub fn n_layers(&self) -> usize {
+        self.pos.len()
+    }
+
     /// The position held by `cell` in storage layer `layer`, head `head`;
     /// `meta` is llama.cpp's per-cell position.
     pub fn position(

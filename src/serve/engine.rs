@@ -115,6 +115,8 @@ pub struct EngineConfig {
     pub recall_probe: usize,
     /// `--kv-recall-pin`: draft-attended positions kept in every layer.
     pub recall_pin: usize,
+    /// `--kv-trace`: text whose tokens are followed through compressions.
+    pub trace: Option<String>,
 }
 
 /// A slot: one sequence, its compressed history and what it is doing.
@@ -128,6 +130,8 @@ struct Slot {
     cursor: Cursor,
     last_used: Instant,
     work: Option<Work>,
+    /// Positions `--kv-trace` follows in this conversation.
+    traced: Vec<std::ops::Range<Pos>>,
 }
 
 /// A request running on a slot.
@@ -206,6 +210,7 @@ pub fn run(
             cursor: Cursor::default(),
             last_used: Instant::now(),
             work: None,
+            traced: Vec::new(),
         })
         .collect();
     let _ = ready.send(Ok(ctx.seq_capacity()));
@@ -444,6 +449,9 @@ fn start(
         );
         return Err((job, ApiError::context_length(msg)));
     }
+    if let Some(text) = &cfg.trace {
+        slot.traced = traced_positions(model, &rendered, text);
+    }
     let sampler = Sampler::new(&job.sampling);
     slot.last_used = Instant::now();
     let n_prompt = slot.cursor.prefilled + tokens.len();
@@ -655,6 +663,7 @@ fn step(
         compress_window(ctx, &mut slots[i], metrics);
         if compresses {
             sched.compressed(t0);
+            trace(&slots[i], "turn");
         }
         return;
     }
@@ -665,12 +674,58 @@ fn step(
     if let Some(i) = segment {
         prefill_segment(ctx, &mut slots[i], metrics);
         sched.compressed(t0);
+        trace(&slots[i], "segment");
         return;
     }
     // A chunked prompt that filled its slot: its next tokens score, then compaction.
     if let Some(i) = squeeze {
         squeeze_slot(ctx, &mut slots[i], metrics);
         sched.compressed(t0);
+        trace(&slots[i], "fill");
+    }
+}
+
+/// Tokens after each occurrence of the traced text that are followed too
+/// (a fact's value comes after its key).
+const TRACE_TAIL: Pos = 12;
+
+/// The positions of every occurrence of `text` in a conversation's
+/// rendered messages (by tokenizing what precedes it: exact up to how the
+/// tokenizer splits at the boundary), each with [`TRACE_TAIL`] tokens more.
+fn traced_positions(model: &Model, rendered: &str, text: &str) -> Vec<std::ops::Range<Pos>> {
+    let len = |s: &str| model.tokenize(s, true, true).map_or(0, |t| t.len()) as Pos;
+    let span = len(text) + TRACE_TAIL;
+    rendered
+        .match_indices(text)
+        .map(|(at, _)| {
+            let start = len(&rendered[..at]);
+            start..start + span
+        })
+        .collect()
+}
+
+/// `--kv-trace`: how many of each traced span's positions every layer
+/// holds after one of the slot's compressions (`what`).
+fn trace(s: &Slot, what: &str) {
+    let Some(c) = s.compressor.as_ref() else {
+        return;
+    };
+    let table = c.slot_table();
+    for r in &s.traced {
+        let kept: Vec<String> = (0..table.n_layers())
+            .map(|l| {
+                let held = table.positions(l, 0);
+                r.clone().filter(|p| held.contains(p)).count().to_string()
+            })
+            .collect();
+        tracing::info!(
+            "trace (seq {}, {what}, {} prefilled): positions {}..{} kept per layer [{}]",
+            s.seq,
+            s.cursor.prefilled,
+            r.start,
+            r.end,
+            kept.join(" ")
+        );
     }
 }
 
