@@ -134,7 +134,8 @@ pub fn run(mut args: ChatArgs) -> anyhow::Result<()> {
             c.with_recall(store)?
                 .with_recall_cells(args.recall.cells.unwrap_or(usize::MAX))
                 .with_recall_probe(args.recall.probe())
-                .with_recall_pin(args.recall.pin()),
+                .with_recall_pin(args.recall.pin())
+                .with_recall_unify(args.recall.unify),
         ),
         _ => {
             anyhow::bail!("--kv-recall brings back ChunkKV's chunks: it needs --kv-method chunkkv")

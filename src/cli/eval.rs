@@ -179,6 +179,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         recall_cells: args.recall.cells,
         recall_probe,
         recall_pin: args.recall.pin(),
+        recall_unify: args.recall.unify,
         recall_chunk,
         budgets: args.budgets.clone(),
         chunk,

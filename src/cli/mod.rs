@@ -380,6 +380,11 @@ pub struct RecallArgs {
     /// [default: 32].
     #[arg(long = "kv-recall-pin", value_name = "N")]
     pub pin: Option<usize>,
+    /// Recalling turns write back and keep the same chunks in every layer
+    /// group, each position scored by the most any group gave it (off: each
+    /// group ranks and keeps its own).
+    #[arg(long = "kv-recall-unify")]
+    pub unify: bool,
 }
 
 /// Reply tokens a recalling turn drafts unless told otherwise: on the H200

@@ -98,6 +98,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             recall_cells: args.recall.cells,
             recall_probe,
             recall_pin: args.recall.pin(),
+            recall_unify: args.recall.unify,
             trace: args.trace.clone().filter(|t| !t.is_empty()),
         },
         queue: args.queue,

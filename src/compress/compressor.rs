@@ -6,7 +6,7 @@
 //! width and the live bytes really shrink. It can run again on a cache it
 //! already compressed (a later chat turn).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -137,6 +137,8 @@ pub struct Compressor {
     recall_probe: usize,
     /// Draft-attended positions kept in every layer (`with_recall_pin`).
     recall_pin: usize,
+    /// Recalling turns rank and keep by position across layer groups (`with_recall_unify`).
+    recall_unify: bool,
 }
 
 /// Rows uploaded for one turn's scoring, until its compaction.
@@ -302,6 +304,7 @@ impl Compressor {
             recall_cells: usize::MAX,
             recall_probe: 0,
             recall_pin: 0,
+            recall_unify: false,
         })
     }
 
@@ -343,6 +346,15 @@ impl Compressor {
     /// tokens, and the reply comes back half copied.
     pub fn with_recall_pin(mut self, n: usize) -> Self {
         self.recall_pin = n;
+        self
+    }
+
+    /// Recalling turns score each position by the most any layer group
+    /// gave it, both when choosing the held rows to write back and when
+    /// compacting, so every group brings back and keeps the same chunks: a
+    /// fact that only some groups keep is half there for the model.
+    pub fn with_recall_unify(mut self, on: bool) -> Self {
+        self.recall_unify = on;
         self
     }
 
@@ -475,6 +487,16 @@ impl Compressor {
             }
         }
         let rank_ms = t_rank.elapsed().as_secs_f64() * 1e3;
+        if self.recall_unify {
+            let mut best: HashMap<Pos, f32> = HashMap::new();
+            for &(p, s) in avail.iter().flatten() {
+                let e = best.entry(p).or_insert(s);
+                *e = e.max(s);
+            }
+            for e in avail.iter_mut().flatten() {
+                e.1 = best[&e.0];
+            }
+        }
         let chunk = self.policy.chunk_size().max(1) as Pos;
         let picks: Vec<Vec<Pos>> = avail
             .into_iter()
@@ -1326,6 +1348,10 @@ impl Compressor {
             }
             self.pin_positions(&meta, &mut importance, &pins);
         }
+        if self.recall_unify && self.recalling.is_some() {
+            let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
+            self.unify_groups(&meta, &mut importance);
+        }
         for (imp, prior) in importance.iter_mut().zip(prior.unwrap_or_default()) {
             imp.add(prior);
         }
@@ -1415,6 +1441,38 @@ impl Compressor {
                         imp.raise(h, c, PINNED);
                     }
                 }
+            }
+        }
+    }
+
+    /// Raises every cell's score in each leader layer to the most any
+    /// leader layer gave its position ([`Compressor::with_recall_unify`]).
+    fn unify_groups(&self, meta: &[Option<Pos>], importance: &mut [LayerImportance]) {
+        let cells = |g: usize, imp: &LayerImportance| {
+            let leader = self.groups.groups()[g][0];
+            let n = meta.len().min(imp.n_cells());
+            (0..imp.n_heads()).flat_map(move |h| {
+                let hh = h.min(self.heads[leader].saturating_sub(1));
+                (0..n).filter_map(move |c| {
+                    self.slots.position(leader, hh, c, meta).map(|p| (h, c, p))
+                })
+            })
+        };
+        let mut best: HashMap<Pos, f32> = HashMap::new();
+        for (g, imp) in importance.iter().enumerate() {
+            for (h, c, p) in cells(g, imp) {
+                let s = imp.head(h)[c];
+                let e = best.entry(p).or_insert(s);
+                *e = e.max(s);
+            }
+        }
+        for (g, imp) in importance.iter_mut().enumerate() {
+            let raises: Vec<(usize, usize, f32)> = cells(g, imp)
+                .map(|(h, c, p)| (h, c, best[&p] - imp.head(h)[c]))
+                .filter(|&(_, _, d)| d > 0.0)
+                .collect();
+            for (h, c, d) in raises {
+                imp.raise(h, c, d);
             }
         }
     }

@@ -79,6 +79,8 @@ pub struct EvalConfig {
     pub recall_probe: usize,
     /// `--kv-recall-pin`: draft-attended positions kept in every layer.
     pub recall_pin: usize,
+    /// `--kv-recall-unify`.
+    pub recall_unify: bool,
     /// ChunkKV's shape for `+recall` methods (recall's defaults where the
     /// flags are silent).
     pub recall_chunk: ChunkKv,
@@ -381,7 +383,8 @@ fn run_prompt(
                     c = c.with_recall(store)?;
                     c = c
                         .with_recall_probe(cfg.recall_probe)
-                        .with_recall_pin(cfg.recall_pin);
+                        .with_recall_pin(cfg.recall_pin)
+                        .with_recall_unify(cfg.recall_unify);
                     if let Some(n) = cfg.recall_cells {
                         c = c.with_recall_cells(n);
                     }

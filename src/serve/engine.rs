@@ -115,6 +115,8 @@ pub struct EngineConfig {
     pub recall_probe: usize,
     /// `--kv-recall-pin`: draft-attended positions kept in every layer.
     pub recall_pin: usize,
+    /// `--kv-recall-unify`: every layer group recalls and keeps the same chunks.
+    pub recall_unify: bool,
     /// `--kv-trace`: text whose tokens are followed through compressions.
     pub trace: Option<String>,
 }
@@ -364,7 +366,8 @@ fn new_compressor(
                 .map_err(|e| e.to_string())?
                 .with_recall_cells(cfg.recall_cells.unwrap_or(usize::MAX))
                 .with_recall_probe(cfg.recall_probe)
-                .with_recall_pin(cfg.recall_pin);
+                .with_recall_pin(cfg.recall_pin)
+                .with_recall_unify(cfg.recall_unify);
         }
     }
     Ok(c)
