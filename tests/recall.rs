@@ -75,7 +75,7 @@ fn answer(ctx: &mut Context<'_>, at: usize, n: usize) -> String {
 
 /// The fact's tokens kept per layer after its question; `probe` reply
 /// tokens drafted, the `pin` positions the draft attends to most kept everywhere.
-fn run_recall_case(fa: FlashAttn, probe: usize, pin: usize) -> Vec<usize> {
+fn run_recall_case(fa: FlashAttn, probe: usize, pin: usize, unify: bool) -> Vec<usize> {
     let model = qwen();
     let mut ctx = ctx(model, 4096, fa);
     let (doc, fact) = document(model);
@@ -85,7 +85,8 @@ fn run_recall_case(fa: FlashAttn, probe: usize, pin: usize) -> Vec<usize> {
         .with_recall(store)
         .unwrap()
         .with_recall_probe(probe)
-        .with_recall_pin(pin);
+        .with_recall_pin(pin)
+        .with_recall_unify(unify);
     // The document is compressed before its question exists (its own end scores it).
     let n_keep = Budget::Ratio(0.1).cells_for(n);
     let done = c
@@ -139,12 +140,12 @@ fn run_recall_case(fa: FlashAttn, probe: usize, pin: usize) -> Vec<usize> {
 
 #[test]
 fn a_fact_evicted_at_load_time_comes_back_when_its_question_needs_it() {
-    run_recall_case(FlashAttn::On, 0, 0);
+    run_recall_case(FlashAttn::On, 0, 0, false);
 }
 
 #[test]
 fn recall_works_with_a_transposed_v_cache() {
-    run_recall_case(FlashAttn::Off, 0, 0);
+    run_recall_case(FlashAttn::Off, 0, 0, false);
 }
 
 /// Whether every layer keeps at least as many of the fact's tokens in `more` as in `less`.
@@ -159,8 +160,8 @@ fn keeps_at_least(more: &[usize], less: &[usize]) -> bool {
 /// draft matters is multi-key RULER on the GPU: docs/results/eval-recall.md.)
 #[test]
 fn a_drafted_reply_leaves_no_trace_and_the_fact_still_comes_back() {
-    let plain = run_recall_case(FlashAttn::On, 0, 0);
-    let probed = run_recall_case(FlashAttn::On, 8, 0);
+    let plain = run_recall_case(FlashAttn::On, 0, 0, false);
+    let probed = run_recall_case(FlashAttn::On, 8, 0, false);
     eprintln!("fact tokens kept per layer: {plain:?} question only, {probed:?} with a draft");
     assert!(
         keeps_at_least(&probed, &plain),
@@ -173,8 +174,8 @@ fn a_drafted_reply_leaves_no_trace_and_the_fact_still_comes_back() {
 /// holds some (the layers that carry a copy otherwise each keep a part).
 #[test]
 fn pinned_draft_positions_keep_the_fact_in_every_layer() {
-    let unpinned = run_recall_case(FlashAttn::On, 8, 0);
-    let pinned = run_recall_case(FlashAttn::On, 8, 16);
+    let unpinned = run_recall_case(FlashAttn::On, 8, 0, false);
+    let pinned = run_recall_case(FlashAttn::On, 8, 16, false);
     eprintln!("fact tokens kept per layer: {unpinned:?} unpinned, {pinned:?} pinned");
     assert!(
         keeps_at_least(&pinned, &unpinned),
@@ -183,6 +184,22 @@ fn pinned_draft_positions_keep_the_fact_in_every_layer() {
     assert!(
         pinned.iter().all(|&k| k > 0),
         "every layer keeps the fact: {pinned:?}"
+    );
+}
+
+/// With unified layer groups (`--kv-recall-unify`, the CLI's default) every
+/// group writes back and keeps the same chunks, so the fact comes back in
+/// every layer, and in none with fewer of its tokens than the split choice
+/// keeps in its weakest layer.
+#[test]
+fn unified_groups_bring_the_fact_back_in_every_layer() {
+    let split = run_recall_case(FlashAttn::On, 0, 0, false);
+    let unified = run_recall_case(FlashAttn::On, 0, 0, true);
+    eprintln!("fact tokens kept per layer: {split:?} per group, {unified:?} unified");
+    let weakest = split.iter().copied().min().unwrap_or(0);
+    assert!(
+        unified.iter().all(|&k| k > 0 && k >= weakest),
+        "every layer keeps the fact: {unified:?} (per group: {split:?})"
     );
 }
 
