@@ -358,6 +358,11 @@ impl Compressor {
         self
     }
 
+    /// Whether recall holds evicted rows that a turn could bring back.
+    pub fn holds_evicted(&self) -> bool {
+        self.recall.as_ref().is_some_and(|r| r.bytes() > 0)
+    }
+
     fn can_recall(&self) -> bool {
         self.policy.uniform_counts()
             && !self.policy.per_head()
@@ -488,11 +493,7 @@ impl Compressor {
         }
         let rank_ms = t_rank.elapsed().as_secs_f64() * 1e3;
         if self.recall_unify {
-            let mut best: HashMap<Pos, f32> = HashMap::new();
-            for &(p, s) in avail.iter().flatten() {
-                let e = best.entry(p).or_insert(s);
-                *e = e.max(s);
-            }
+            let best = best_by_position(avail.iter().flatten().copied());
             for e in avail.iter_mut().flatten() {
                 e.1 = best[&e.0];
             }
@@ -1458,14 +1459,12 @@ impl Compressor {
                 })
             })
         };
-        let mut best: HashMap<Pos, f32> = HashMap::new();
-        for (g, imp) in importance.iter().enumerate() {
-            for (h, c, p) in cells(g, imp) {
-                let s = imp.head(h)[c];
-                let e = best.entry(p).or_insert(s);
-                *e = e.max(s);
-            }
-        }
+        let best = best_by_position(
+            importance
+                .iter()
+                .enumerate()
+                .flat_map(|(g, imp)| cells(g, imp).map(move |(h, c, p)| (p, imp.head(h)[c]))),
+        );
         for (g, imp) in importance.iter_mut().enumerate() {
             let raises: Vec<(usize, usize, f32)> = cells(g, imp)
                 .map(|(h, c, p)| (h, c, best[&p] - imp.head(h)[c]))
@@ -1947,6 +1946,17 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(usize, &T) -> R + Sync + Se
 fn stats(ctx: &Context<'_>, seq: SeqId) -> Result<crate::llama::KvStats, CompressError> {
     ctx.seq_kv_stats(KvPart::Base, seq)
         .ok_or_else(|| CompressError::Unsupported("the context has no attention KV cache".into()))
+}
+
+/// The highest score each position got among `scores` (layer groups rank
+/// the same positions differently).
+fn best_by_position(scores: impl Iterator<Item = (Pos, f32)>) -> HashMap<Pos, f32> {
+    let mut best: HashMap<Pos, f32> = HashMap::new();
+    for (p, s) in scores {
+        let e = best.entry(p).or_insert(s);
+        *e = e.max(s);
+    }
+    best
 }
 
 /// The `n` positions of the best chunks (`chunk` positions each, ranked by

@@ -100,7 +100,7 @@ pub fn feed(
         if ends_turn
             && seg == rest
             && seg > w
-            && compressor.recall_store().is_some_and(|r| r.bytes() > 0)
+            && compressor.holds_evicted()
             && settles(Settle {
                 budget,
                 capacity: n_ctx,

@@ -571,11 +571,7 @@ fn step(
             .compressor
             .as_ref()
             .is_some_and(|c| !c.needs_reconstruction());
-        let recalls = s
-            .compressor
-            .as_ref()
-            .and_then(Compressor::recall_store)
-            .is_some_and(|r| r.bytes() > 0);
+        let recalls = s.compressor.as_ref().is_some_and(Compressor::holds_evicted);
         let w = s.work.as_mut().expect("prefilling slot has work");
         let head = w.pending.len() - w.window;
         // Reconstruction decodes its prompts and a chunk (64 tokens at least) on top.
