@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::policy::{HeadCandidates, LayerCandidates, Policy};
-use super::recall::{Evicted, RecallError, RecallStore, RecallTurn, StoreMark};
+use super::recall::{Evicted, RankMs, RecallError, RecallStore, RecallTurn, StoreMark};
 use super::reconstruct::Reconstruction;
 use super::reuse::ReuseGroups;
 use super::sentences::SentenceEnds;
@@ -129,6 +129,8 @@ pub struct Compressor {
     recall_warning: Option<String>,
     /// Bytes uploaded by the ranking passes of the turn in progress.
     rank_bytes: u64,
+    /// Where the ranking passes of the turn in progress spent their time.
+    rank_ms: RankMs,
     /// Tokens (per layer, summed over turns) recall brought back.
     recalled_total: u64,
     /// Most cells one turn writes back at once (`--kv-recall-cells`).
@@ -300,6 +302,7 @@ impl Compressor {
             last_recall: None,
             recall_warning: None,
             rank_bytes: 0,
+            rank_ms: RankMs::default(),
             recalled_total: 0,
             recall_cells: usize::MAX,
             recall_probe: 0,
@@ -444,6 +447,8 @@ impl Compressor {
         window: &[Token],
     ) -> Result<bool, CompressError> {
         self.recalling = None;
+        self.rank_bytes = 0;
+        self.rank_ms = RankMs::default();
         if !self.recall_on() || self.slots.n_slots() == 0 || !ctx.dead_slots().is_empty() {
             return Ok(false);
         }
@@ -568,10 +573,12 @@ impl Compressor {
                 bytes_up: bytes_up + self.rank_bytes,
                 ms: t.elapsed().as_secs_f64() * 1e3,
                 rank_ms,
+                rank: self.rank_ms,
                 ..RecallTurn::default()
             },
         });
         self.rank_bytes = 0;
+        self.rank_ms = RankMs::default();
         Ok(true)
     }
 
@@ -619,7 +626,10 @@ impl Compressor {
             let store = self.recall.as_mut().ok_or_else(|| {
                 RecallError::Unsupported("recall was turned off during ranking".into())
             })?;
+            let t_up = Instant::now();
             self.rank_bytes += store.upload(ctx, self.seq, end, &part)?;
+            self.rank_ms.upload += t_up.elapsed().as_secs_f64() * 1e3;
+            self.rank_ms.passes += 1;
             ctx.kv_claim(KvPart::Base, self.seq, end as u32, &part[0][0])
                 .map_err(RecallError::Rows)?;
             let mut t = Vec::with_capacity(part.len());
@@ -644,8 +654,10 @@ impl Compressor {
             ctx.importance_begin(&leaders, ScoreRows::Last(w as u32), reduce)?;
             // Only the window ranks: a drafted reply per batch would cost its
             // length in decodes per batch (the turn's own scoring drafts once).
+            let t_dec = Instant::now();
             let decoded = ctx.decode_tokens(window, at, self.seq, false);
             ctx.importance_end();
+            self.rank_ms.decode += t_dec.elapsed().as_secs_f64() * 1e3;
             // The window and the batch leave again whatever happened.
             let removed = ctx.seq_rm(self.seq, at, -1);
             let freed = ctx.kv_free(KvPart::Base, self.seq, end as u32, b as u32);
@@ -657,11 +669,9 @@ impl Compressor {
                 ));
             }
             freed.map_err(RecallError::Rows)?;
-            let scores: Vec<LayerImportance> = self
-                .leader_layers()
-                .into_iter()
-                .map(|il| ctx.importance(il).ok_or(CompressError::NoImportance(il)))
-                .collect::<Result<_, _>>()?;
+            let t_read = Instant::now();
+            let scores = self.read_importance(ctx)?;
+            self.rank_ms.read += t_read.elapsed().as_secs_f64() * 1e3;
             // Every pass shares the kept cells: a batch row's attention over
             // the attention the kept cells got in the same pass does not
             // depend on what else the batch held (the softmax's normalizer
@@ -717,7 +727,8 @@ impl Compressor {
         };
         let msg = format!(
             "recall (seq {}): {} cells written back, {} tokens per layer kept ({} chunks), \
-             {:.1} MiB up, {:.1} MiB down, {:.1} ms ({:.1} ranking), peak {} cells",
+             {:.1} MiB up, {:.1} MiB down, {:.1} ms ({:.1} ranking: {} passes, upload {:.1}, \
+             decode {:.1}, read {:.1}), peak {} cells",
             self.seq,
             turn.uploaded,
             turn.tokens,
@@ -726,6 +737,10 @@ impl Compressor {
             turn.bytes_down as f64 / 1048576.0,
             turn.ms,
             turn.rank_ms,
+            turn.rank.passes,
+            turn.rank.upload,
+            turn.rank.decode,
+            turn.rank.read,
             turn.transient_cells
         );
         // A compaction that recalled nothing (a document's) only stored rows.
@@ -761,6 +776,14 @@ impl Compressor {
             recall: false,
         };
         let (ms, full) = self.score_and_compact(ctx, window, start, n_keep, keep, None)?;
+        tracing::debug!(
+            "recalling turn (seq {}): {:.1} ms, scoring decode and draft {:.1}, select {:.1}, compact {:.1}",
+            self.seq,
+            t_all.elapsed().as_secs_f64() * 1e3,
+            ms.importance,
+            ms.select,
+            ms.compact
+        );
         self.finish(ctx, t_all, true, window.len(), budget, full, ms)
     }
 

@@ -20,7 +20,7 @@ pub use compressor::{
     CompressError, CompressionReport, Compressor, CompressorMark, Keep, Prefilled, StageMs,
 };
 pub use policy::{HeadCandidates, LayerCandidates, Policy};
-pub use recall::{RecallError, RecallMode, RecallStore, RecallTurn};
+pub use recall::{RankMs, RecallError, RecallMode, RecallStore, RecallTurn};
 pub use reconstruct::{Reconstruction, TurnState};
 
 /// `--kv-score`: where importance comes from.

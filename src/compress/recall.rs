@@ -86,8 +86,24 @@ pub struct RecallTurn {
     /// (batches written back and scored by the turn's window).
     #[serde(default)]
     pub rank_ms: f64,
+    /// Of `rank_ms`: where ranking's time went (the server's log shows it).
+    #[serde(default)]
+    pub rank: RankMs,
     /// Cells the sequence held at the turn's peak (before its compaction).
     pub transient_cells: u32,
+}
+
+/// Where one turn's ranking spent its time, over all its passes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RankMs {
+    /// Batches of held rows written back and scored.
+    pub passes: usize,
+    /// Gathering the batches' rows on the host and writing them to the device.
+    pub upload: f64,
+    /// Decoding the window over each batch.
+    pub decode: f64,
+    /// Reading the leaders' scores back.
+    pub read: f64,
 }
 
 /// Entries of one (storage layer, KV head).
