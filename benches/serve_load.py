@@ -199,6 +199,9 @@ def main():
     )
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument(
+        "--first", type=int, default=0, help="number of the first conversation (another set of documents)"
+    )
+    ap.add_argument(
         "--turns",
         type=int,
         choices=(1, 2, 3),
@@ -218,11 +221,12 @@ def main():
         raise SystemExit("load tests run against 127.0.0.1 only")
 
     texts = essays(args.data)
-    codes = [str(random.Random(1000 + i).randrange(10000, 99999)) for i in range(args.conversations)]
+    ids = range(args.first, args.first + args.conversations)
+    codes = [str(random.Random(1000 + i).randrange(10000, 99999)) for i in ids]
     lo, _, hi = args.doc_tokens.partition("-")
     lo, hi = int(lo), int(hi or lo)
-    sizes = [random.Random(2000 + i).randint(lo, hi) for i in range(args.conversations)]
-    docs = [document(texts, i, sizes[i] * 4, codes[i]) for i in range(args.conversations)]
+    sizes = [random.Random(2000 + i).randint(lo, hi) for i in ids]
+    docs = [document(texts, i, sizes[k] * 4, codes[k]) for k, i in enumerate(ids)]
     stats = Stats()
     peak = {"cells": 0.0}
     done = threading.Event()
@@ -241,8 +245,8 @@ def main():
     watcher.start()
     t0 = time.perf_counter()
     threads = [
-        threading.Thread(target=conversation, args=(args, i, docs[i], codes[i], stats))
-        for i in range(args.conversations)
+        threading.Thread(target=conversation, args=(args, i, docs[k], codes[k], stats))
+        for k, i in enumerate(ids)
     ]
     for t in threads:
         t.start()

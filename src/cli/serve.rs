@@ -50,6 +50,11 @@ pub struct ServeArgs {
     /// layer keeps, to follow a fact through a conversation's compressions.
     #[arg(long = "kv-trace", value_name = "TEXT")]
     pub trace: Option<String>,
+    /// While other turns wait for their compression, a compressed turn's
+    /// reply waits up to MS milliseconds for them, so the replies start
+    /// together and decode in one batch (0: every reply starts at once).
+    #[arg(long = "batch-replies", value_name = "MS", default_value_t = 1000)]
+    pub batch_replies: u64,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -100,6 +105,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             recall_pin: args.recall.pin(),
             recall_unify: args.recall.unify,
             trace: args.trace.clone().filter(|t| !t.is_empty()),
+            batch_replies: std::time::Duration::from_millis(args.batch_replies),
         },
         queue: args.queue,
         api_key: args.api_key.clone(),

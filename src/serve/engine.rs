@@ -119,6 +119,10 @@ pub struct EngineConfig {
     pub recall_unify: bool,
     /// `--kv-trace`: text whose tokens are followed through compressions.
     pub trace: Option<String>,
+    /// `--batch-replies`: how long a compressed turn's reply may wait for
+    /// the other waiting turns' compressions, so the replies start together
+    /// and decode in one batch (zero: each reply starts at once).
+    pub batch_replies: Duration,
 }
 
 /// A slot: one sequence, its compressed history and what it is doing.
@@ -164,6 +168,48 @@ struct Work {
     decoded: Vec<Token>,
     /// The token to decode next (sampled, not yet in the cache).
     next: Option<Token>,
+    /// While the reply waits for other slots' turns ([`Schedule::batch`]):
+    /// since when, and the text it has not streamed yet.
+    parked: Option<(Instant, String)>,
+}
+
+impl Work {
+    /// The prompt is in but for its window: the turn waits for its
+    /// (compressed) scoring.
+    fn awaits_turn(&self) -> bool {
+        self.next.is_none()
+            && self.fill != Fill::Segmented
+            && self.done + self.window >= self.pending.len()
+    }
+
+    /// The turn waits for its scoring, or will within a step: replies
+    /// parked meanwhile wait for it.
+    fn turn_near(&self) -> bool {
+        self.next.is_none()
+            && self.fill != Fill::Segmented
+            && self.done + self.window + PREFILL_CHUNK >= self.pending.len()
+    }
+
+    /// Streams `out`, or keeps it while the reply is parked. False when the
+    /// client went away.
+    fn emit(&mut self, out: String) -> bool {
+        match self.parked.as_mut() {
+            Some((_, text)) => {
+                text.push_str(&out);
+                true
+            }
+            None => self.job.events.send(Event::Text(out)).is_ok(),
+        }
+    }
+
+    /// Starts a parked reply: what it held back goes out.
+    fn unpark(&mut self) {
+        if let Some((_, text)) = self.parked.take() {
+            if !text.is_empty() {
+                let _ = self.job.events.send(Event::Text(text));
+            }
+        }
+    }
 }
 
 /// How a prompt enters its slot.
@@ -218,7 +264,10 @@ pub fn run(
     let _ = ready.send(Ok(ctx.seq_capacity()));
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut batch = Batch::new(ctx.n_batch() as usize + cfg.n_slots);
-    let mut sched = Schedule::default();
+    let mut sched = Schedule {
+        batch: cfg.batch_replies,
+        ..Schedule::default()
+    };
     let mut gauges_at = Instant::now();
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -490,6 +539,7 @@ fn start(
         detok: StreamDecoder::new(),
         decoded: Vec::new(),
         next: None,
+        parked: None,
         job,
     });
     Ok(())
@@ -506,6 +556,12 @@ struct Schedule {
     /// engine's time, and the slots whose turns wait meanwhile start their
     /// replies together, in one batch).
     quiet_until: Option<Instant>,
+    /// How long a reply may stay parked while other turns wait for their
+    /// compressions. Decoding 20 replies in one batch costs about what one
+    /// costs, so replies that start together use the GPU far better than
+    /// replies started one compression apart; the price is time to first
+    /// token, bounded by this.
+    batch: Duration,
 }
 
 impl Schedule {
@@ -519,6 +575,13 @@ impl Schedule {
     fn compressed(&mut self, t0: Instant) {
         let now = Instant::now();
         self.quiet_until = Some(now + (now - t0));
+    }
+
+    /// Whether parked replies start now: no other turn waits for its
+    /// compression (`waiting`), or the first parked one (`since`) has
+    /// waited its time.
+    fn unparks(&self, since: Instant, waiting: bool) -> bool {
+        !waiting || since.elapsed() >= self.batch
     }
 }
 
@@ -536,10 +599,25 @@ fn step(
     sched: &mut Schedule,
 ) {
     let tick = sched.tick;
+    let parked_since = slots
+        .iter()
+        .filter_map(|s| Some(s.work.as_ref()?.parked.as_ref()?.0))
+        .min();
+    if let Some(since) = parked_since {
+        let waiting = slots
+            .iter()
+            .any(|s| s.work.as_ref().is_some_and(Work::turn_near));
+        if sched.unparks(since, waiting) {
+            for w in slots.iter_mut().filter_map(|s| s.work.as_mut()) {
+                w.unpark();
+            }
+        }
+    }
     batch.clear();
     let mut rows: Vec<(usize, i32)> = Vec::new();
     for (i, s) in slots.iter().enumerate() {
-        if let Some(tok) = s.work.as_ref().and_then(|w| w.next) {
+        let streams = s.work.as_ref().filter(|w| w.parked.is_none());
+        if let Some(tok) = streams.and_then(|w| w.next) {
             rows.push((i, batch.len() as i32));
             batch.push(tok, s.cursor.next_pos, s.seq, true);
         }
@@ -650,16 +728,29 @@ fn step(
     let streaming = !rows.is_empty();
     let may = sched.may_compress(streaming);
     let t0 = Instant::now();
-    if let Some(i) = slots.iter().position(|s| {
-        s.work.as_ref().is_some_and(|w| {
-            w.next.is_none()
-                && w.fill != Fill::Segmented
-                && w.done + w.window >= w.pending.len()
-                && (may || w.budget.is_none())
-        })
-    }) {
+    let ready = |s: &Slot| {
+        s.work
+            .as_ref()
+            .is_some_and(|w| w.awaits_turn() && (may || w.budget.is_none()))
+    };
+    if let Some(i) = slots.iter().position(ready) {
         let compresses = slots[i].work.as_ref().is_some_and(|w| w.budget.is_some());
+        // Another turn waits too (or will within a step): this reply waits
+        // for it, to start with it.
+        let others = slots
+            .iter()
+            .enumerate()
+            .any(|(j, s)| j != i && s.work.as_ref().is_some_and(Work::turn_near));
+        if others && !sched.batch.is_zero() {
+            if let Some(w) = slots[i].work.as_mut() {
+                w.parked = Some((Instant::now(), String::new()));
+                metrics.batched.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         compress_window(ctx, &mut slots[i], metrics);
+        if let Some((since, _)) = slots[i].work.as_mut().and_then(|w| w.parked.as_mut()) {
+            *since = Instant::now();
+        }
         if compresses {
             sched.compressed(t0);
             trace(&slots[i], "turn");
@@ -952,7 +1043,7 @@ fn sample(ctx: &mut Context<'_>, s: &mut Slot, row: i32, metrics: &Metrics) {
         w.held.clear();
         if !out.is_empty() {
             w.text.push_str(&out);
-            let _ = w.job.events.send(Event::Text(out));
+            w.emit(out);
         }
         end(ctx, s, FinishReason::Stop, false);
         return;
@@ -968,7 +1059,7 @@ fn sample(ctx: &mut Context<'_>, s: &mut Slot, row: i32, metrics: &Metrics) {
     if cut > 0 {
         let out: String = w.held.drain(..cut).collect();
         w.text.push_str(&out);
-        if w.job.events.send(Event::Text(out)).is_err() {
+        if !w.emit(out) {
             // The client went away: stop here; what is in the cache stays.
             end(ctx, s, FinishReason::Stop, false);
             return;
@@ -987,6 +1078,7 @@ fn end(ctx: &Context<'_>, s: &mut Slot, reason: FinishReason, flush: bool) {
     let Some(mut w) = s.work.take() else { return };
     s.cached = w.rendered.clone() + &ctx.model().detokenize(&w.decoded, false);
     s.last_used = Instant::now();
+    w.unpark();
     let rest = std::mem::take(&mut w.held) + &w.detok.finish();
     if flush && !rest.is_empty() {
         w.text.push_str(&rest);
@@ -1052,6 +1144,23 @@ mod tests {
         );
         sched.quiet_until = Some(Instant::now() - Duration::from_millis(1));
         assert!(sched.may_compress(true), "paid back");
+    }
+
+    /// Parked replies start once no other turn is near its compression, or
+    /// once the first has waited `--batch-replies`, whichever comes first.
+    #[test]
+    fn parked_replies_start_when_no_turn_waits_or_their_time_is_up() {
+        let sched = Schedule {
+            batch: Duration::from_millis(500),
+            ..Schedule::default()
+        };
+        let now = Instant::now();
+        assert!(!sched.unparks(now, true), "another turn is coming");
+        assert!(sched.unparks(now, false), "none is: no reason to wait");
+        assert!(
+            sched.unparks(now - Duration::from_millis(600), true),
+            "waited its 500 ms"
+        );
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub struct Metrics {
     recall: Mutex<Vec<u64>>,
     /// Tokens (per layer) that recall brought back into a slot's cache.
     pub recalled: AtomicU64,
+    /// Replies that waited for other turns, to start with them (`--batch-replies`).
+    pub batched: AtomicU64,
 }
 
 impl Metrics {
@@ -71,6 +73,11 @@ impl Metrics {
             "chunkkv_recalled_tokens_total",
             "Evicted tokens (per layer) that recall brought back into a slot's cache.",
             self.recalled.load(Ordering::Relaxed),
+        );
+        counter(
+            "chunkkv_replies_batched_total",
+            "Replies that waited for other turns' compressions, to decode with them in one batch.",
+            self.batched.load(Ordering::Relaxed),
         );
         counter(
             "chunkkv_requests_rejected_total",
