@@ -165,7 +165,10 @@ def conversation(args, i, doc, code, stats):
         stats.served += 1
         ok = code in text
         stats.recalled += ok
-        stats.answers.append({"conversation": i, "code": code, "answer": text[:80], "recalled": ok})
+        replies = [m["content"][:200] for m in messages if m["role"] == "assistant"]
+        stats.answers.append(
+            {"conversation": i, "code": code, "answer": text[:80], "recalled": ok, "replies": replies}
+        )
 
 
 def metrics(url):

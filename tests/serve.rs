@@ -438,21 +438,13 @@ fn sigterm_lets_running_requests_end_cleanly_and_exits_0() {
     );
 }
 
+/// Recall brings the evicted fact back for the question. By default the
+/// question's reply is decoded over everything the turn brought back (the
+/// slot holds more cells after it than with `--kv-compact-after-reply
+/// false`), and the compaction waits for the next turn, which reports what
+/// recall kept.
 #[test]
 fn a_slot_with_recall_brings_an_evicted_fact_back_for_the_question() {
-    let server = Server::start(
-        "qwen2.5-0.5b",
-        &[
-            "-c",
-            "4096",
-            "-np",
-            "1",
-            "--kv-budget",
-            "10%",
-            "--kv-recall",
-            "host",
-        ],
-    );
     let hay = essays(5000);
     let cut = hay[..hay.len() / 2].rfind(' ').unwrap();
     let opening = format!(
@@ -461,27 +453,64 @@ fn a_slot_with_recall_brings_an_evicted_fact_back_for_the_question() {
         &hay[..cut],
         &hay[cut..]
     );
-    // One request with the whole conversation; the reply's text.
-    let ask = |messages: &Vec<Value>, max_tokens: usize| {
-        let body =
-            serde_json::json!({"messages": messages, "max_tokens": max_tokens, "temperature": 0});
-        let (status, body) = post(&server, "/v1/chat/completions", &body, &[]);
-        assert_eq!(status, 200, "{body}");
-        json(&body)["choices"][0]["message"]["content"].clone()
-    };
-    let mut messages = vec![serde_json::json!({"role": "user", "content": opening})];
-    let reply = ask(&messages, 16);
-    messages.push(serde_json::json!({"role": "assistant", "content": reply}));
-    messages.push(serde_json::json!({
-        "role": "user",
-        "content": "What is the secret code of the blue lighthouse? Answer with the code."
-    }));
-    let answer = ask(&messages, 12).to_string();
-    // The slot keeps its evicted rows and the question brought some back.
-    for name in ["chunkkv_recall_bytes_held", "chunkkv_recalled_tokens_total"] {
-        assert!(metric(&server, name) > 0.0, "{name}\n{}", server.log());
+    // Cells the slot holds after the question's reply.
+    let mut cells = Vec::new();
+    for after_reply in ["true", "false"] {
+        let server = Server::start(
+            "qwen2.5-0.5b",
+            &[
+                "-c",
+                "4096",
+                "-np",
+                "1",
+                "--kv-budget",
+                "10%",
+                "--kv-recall",
+                "host",
+                "--kv-compact-after-reply",
+                after_reply,
+            ],
+        );
+        // One request with the whole conversation; the reply's text.
+        let ask = |messages: &Vec<Value>, max_tokens: usize| {
+            let body = serde_json::json!({"messages": messages, "max_tokens": max_tokens, "temperature": 0});
+            let (status, body) = post(&server, "/v1/chat/completions", &body, &[]);
+            assert_eq!(status, 200, "{body}");
+            json(&body)["choices"][0]["message"]["content"].clone()
+        };
+        // The gauges follow the engine a moment after the reply.
+        let used = || {
+            std::thread::sleep(Duration::from_millis(600));
+            metric(&server, "chunkkv_kv_cells_used")
+        };
+        let mut messages = vec![serde_json::json!({"role": "user", "content": opening})];
+        let reply = ask(&messages, 16);
+        messages.push(serde_json::json!({"role": "assistant", "content": reply}));
+        messages.push(serde_json::json!({
+            "role": "user",
+            "content": "What is the secret code of the blue lighthouse? Answer with the code."
+        }));
+        let answer = ask(&messages, 12);
+        let after_answer = used();
+        assert!(
+            answer.to_string().contains("7319"),
+            "{answer} (--kv-compact-after-reply {after_reply})\n{}",
+            server.log()
+        );
+        messages.push(serde_json::json!({"role": "assistant", "content": answer}));
+        messages.push(serde_json::json!({"role": "user", "content": "Thank you."}));
+        ask(&messages, 4);
+        cells.push(after_answer);
+        // The slot keeps its evicted rows and the question brought some back.
+        for name in ["chunkkv_recall_bytes_held", "chunkkv_recalled_tokens_total"] {
+            assert!(metric(&server, name) > 0.0, "{name}\n{}", server.log());
+        }
     }
-    assert!(answer.contains("7319"), "{answer}\n{}", server.log());
+    let (deferred, at_once) = (cells[0], cells[1]);
+    assert!(
+        deferred > at_once + 100.0,
+        "the reply should see the recalled rows: {deferred:?} vs {at_once:?} cells"
+    );
 }
 
 /// A prompt several times its slot goes in chunks beside the other slot's

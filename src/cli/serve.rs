@@ -55,6 +55,11 @@ pub struct ServeArgs {
     /// together and decode in one batch (0: every reply starts at once).
     #[arg(long = "batch-replies", value_name = "MS", default_value_t = 1000)]
     pub batch_replies: u64,
+    /// With --kv-recall: a turn's reply is decoded over everything the turn
+    /// brought back (a slot owns its cells anyway), and the compaction to
+    /// the budget waits for the next turn.
+    #[arg(long = "kv-compact-after-reply", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub compact_after_reply: bool,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -106,6 +111,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             recall_unify: args.recall.unify,
             trace: args.trace.clone().filter(|t| !t.is_empty()),
             batch_replies: std::time::Duration::from_millis(args.batch_replies),
+            compact_after_reply: args.compact_after_reply,
         },
         queue: args.queue,
         api_key: args.api_key.clone(),

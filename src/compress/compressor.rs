@@ -122,6 +122,11 @@ pub struct Compressor {
     recall: Option<RecallStore>,
     /// The recall of the turn in progress (rows uploaded for its scoring).
     recalling: Option<Recalling>,
+    /// Room for the reply of the next recalling turn, whose compaction then
+    /// waits until the reply is in (`defer_compaction`).
+    reply_room: Option<usize>,
+    /// A compaction waiting for `settle`.
+    deferred: Option<Deferred>,
     /// What recall did in the last turn that used it.
     last_recall: Option<RecallTurn>,
     /// Why recall stopped (a broken recall file): reported once, the
@@ -149,6 +154,18 @@ struct Recalling {
     /// Positions written back, per storage layer (every head holds the same).
     positions: Vec<Vec<Pos>>,
     stats: RecallTurn,
+}
+
+/// A recalling turn's compaction, held back until its reply is in
+/// ([`Compressor::defer_compaction`]): the turn's scores and what to keep.
+struct Deferred {
+    importance: Vec<LayerImportance>,
+    keep: Keep,
+    /// Cells to keep, the reply's not counted.
+    n_keep: usize,
+    /// The turn's last position: the reply's tokens come after it.
+    last: Pos,
+    recalling: Option<Recalling>,
 }
 
 /// A compressor's state to come back to: its slot table and recall store
@@ -299,6 +316,8 @@ impl Compressor {
             seq: crate::pipeline::SEQ,
             recall: None,
             recalling: None,
+            reply_room: None,
+            deferred: None,
             last_recall: None,
             recall_warning: None,
             rank_bytes: 0,
@@ -455,10 +474,12 @@ impl Compressor {
         let t = Instant::now();
         let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
         let end = meta.iter().rposition(Option::is_some).map_or(0, |c| c + 1);
-        // The turn's tokens and its drafted reply need cells after the rows.
+        // The turn's tokens and its drafted reply need cells after the rows
+        // (and its reply, when that comes before the compaction).
+        let reply = self.reply_room.unwrap_or(0);
         let room = meta
             .len()
-            .saturating_sub(end + incoming + self.recall_probe + 1)
+            .saturating_sub(end + incoming + self.recall_probe.max(reply) + 1)
             .min(self.recall_cells);
         let Some(store) = self.recall.as_ref() else {
             return Ok(false);
@@ -787,6 +808,36 @@ impl Compressor {
         self.finish(ctx, t_all, true, window.len(), budget, full, ms)
     }
 
+    /// The next recalling turn's reply comes before its compaction: it is
+    /// decoded over everything the turn brought back, not only over what the
+    /// budget keeps, and [`Compressor::settle`] compacts once it is in. A
+    /// server's slot owns its cells whatever it keeps, so the reply loses no
+    /// memory to it; recall leaves `reply` cells for it. A turn that recalls
+    /// nothing, or whose reply would not fit, compacts at once.
+    pub fn defer_compaction(&mut self, reply: usize) {
+        self.reply_room = Some(reply);
+    }
+
+    /// Whether a compaction waits for [`Compressor::settle`].
+    pub fn unsettled(&self) -> bool {
+        self.deferred.is_some()
+    }
+
+    /// The compaction a turn held back for its reply: with the turn's
+    /// scores, keeping the window and the reply whole. Returns whether
+    /// there was one.
+    pub fn settle(&mut self, ctx: &mut Context<'_>) -> Result<bool, CompressError> {
+        self.reply_room = None;
+        let Some(d) = self.deferred.take() else {
+            return Ok(false);
+        };
+        let reply = ctx.seq_pos_max(self.seq).map_or(0, |p| (p - d.last).max(0)) as usize;
+        self.recalling = d.recalling;
+        let done = self.select_and_compact(ctx, &d.importance, d.keep, d.n_keep + reply);
+        self.recalling = None;
+        done.map(|_| true)
+    }
+
     /// Records where sentences end among `tokens` at positions `start..`, for
     /// `--chunk-by sentences`. The prefill methods do it themselves; callers
     /// that prefill a head elsewhere (eval, compare) tell it here.
@@ -875,6 +926,8 @@ impl Compressor {
         self.slots.clear();
         self.sentences.clear();
         self.recalling = None;
+        self.reply_room = None;
+        self.deferred = None;
         self.last_recall = None;
         if let Some(Err(e)) = self.recall.as_mut().map(RecallStore::clear) {
             self.drop_recall(&e);
@@ -1385,6 +1438,28 @@ impl Compressor {
             from: tail_start.min(keep.from),
             ..keep
         };
+        // The reply first, then the compaction: it fits beside what the
+        // turn brought back (recall left it the room).
+        let room = self.reply_room.take();
+        if let Some(room) = room.filter(|&r| {
+            self.recalling.is_some() && full.cells_used as usize + r + 1 <= ctx.seq_capacity()
+        }) {
+            tracing::debug!(
+                "seq {}: compaction after a reply of up to {room} tokens",
+                self.seq
+            );
+            if probing {
+                ctx.decode_tokens(&tail[w - 1..], last, self.seq, true)?;
+            }
+            self.deferred = Some(Deferred {
+                importance,
+                keep,
+                n_keep,
+                last,
+                recalling: self.recalling.take(),
+            });
+            return Ok((ms, full));
+        }
         // With a draft, the window's last token comes back after compaction.
         let n_keep = if probing {
             n_keep.saturating_sub(1).max(1)

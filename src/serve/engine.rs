@@ -123,6 +123,9 @@ pub struct EngineConfig {
     /// the other waiting turns' compressions, so the replies start together
     /// and decode in one batch (zero: each reply starts at once).
     pub batch_replies: Duration,
+    /// `--kv-compact-after-reply`: a recalling turn's reply is decoded over
+    /// everything the turn brought back; the compaction waits for the next turn.
+    pub compact_after_reply: bool,
 }
 
 /// A slot: one sequence, its compressed history and what it is doing.
@@ -286,7 +289,7 @@ pub fn run(
             waiting.push_back(j);
         }
         assign(model, &mut ctx, cfg, &mut slots, &mut waiting, &metrics);
-        step(&mut ctx, &mut slots, &mut batch, &metrics, &mut sched);
+        step(&mut ctx, cfg, &mut slots, &mut batch, &metrics, &mut sched);
         sched.tick = sched.tick.wrapping_add(1);
         // The per-slot gauges walk every cell: a few times a second is enough,
         // and always once the work is done.
@@ -364,6 +367,11 @@ fn assign(
         };
         let job = waiting.pop_front().expect("front exists");
         let slot = &mut slots[i];
+        if let Err(e) = settle(ctx, slot, metrics) {
+            job.admitted.fetch_sub(1, Ordering::AcqRel);
+            let _ = job.events.send(Event::Error(e));
+            continue;
+        }
         if reuse.is_none() {
             // A new conversation: the slot starts over.
             ctx.seq_rm(slot.seq, -1, -1);
@@ -381,6 +389,33 @@ fn assign(
                 0
             }
         };
+    }
+}
+
+/// The compaction the slot's last turn held back for its reply
+/// (`--kv-compact-after-reply`), before the slot takes new work. A failure
+/// leaves the slot empty.
+fn settle(ctx: &mut Context<'_>, slot: &mut Slot, metrics: &Metrics) -> Result<(), ApiError> {
+    let Some(c) = slot.compressor.as_mut() else {
+        return Ok(());
+    };
+    let recalled = c.recalled_total();
+    match c.settle(ctx) {
+        Ok(_) => {
+            metrics
+                .recalled
+                .fetch_add(c.recalled_total() - recalled, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) => {
+            ctx.seq_rm(slot.seq, -1, -1);
+            slot.cached.clear();
+            slot.cursor = Cursor::default();
+            c.reset();
+            Err(ApiError::server(format!(
+                "the conversation's cache could not be compacted: {e}"
+            )))
+        }
     }
 }
 
@@ -593,6 +628,7 @@ impl Schedule {
 /// time has not been paid back to them yet ([`Schedule`]).
 fn step(
     ctx: &mut Context<'_>,
+    cfg: &EngineConfig,
     slots: &mut [Slot],
     batch: &mut Batch,
     metrics: &Metrics,
@@ -747,7 +783,7 @@ fn step(
                 metrics.batched.fetch_add(1, Ordering::Relaxed);
             }
         }
-        compress_window(ctx, &mut slots[i], metrics);
+        compress_window(ctx, &mut slots[i], metrics, cfg.compact_after_reply);
         if let Some((since, _)) = slots[i].work.as_mut().and_then(|w| w.parked.as_mut()) {
             *since = Instant::now();
         }
@@ -837,7 +873,12 @@ fn settles(w: &Work, prefilled: usize, free: usize, capacity: usize) -> bool {
 
 /// The last `window` prompt tokens with importance on, and the compression
 /// `chat` does per turn (history kept, the fresh cells candidates).
-fn compress_window(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
+fn compress_window(
+    ctx: &mut Context<'_>,
+    s: &mut Slot,
+    metrics: &Metrics,
+    compact_after_reply: bool,
+) {
     let Some(w) = s.work.as_mut() else { return };
     let tail = w.pending[w.done..].to_vec();
     let result = match (w.budget, s.compressor.as_mut()) {
@@ -853,6 +894,9 @@ fn compress_window(ctx: &mut Context<'_>, s: &mut Slot, metrics: &Metrics) {
                 recall: true,
             };
             let recalled = c.recalled_total();
+            if compact_after_reply && !w.reconstruct {
+                c.defer_compaction(w.job.max_tokens);
+            }
             let done = if w.reconstruct {
                 let head = &w.pending[..w.done];
                 c.reconstruct_prefilled(ctx, head, w.start, &tail, n_keep, keep, budget.json())
