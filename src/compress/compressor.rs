@@ -1442,7 +1442,7 @@ impl Compressor {
         // turn brought back (recall left it the room).
         let room = self.reply_room.take();
         if let Some(room) = room.filter(|&r| {
-            self.recalling.is_some() && full.cells_used as usize + r + 1 <= ctx.seq_capacity()
+            self.recalling.is_some() && full.cells_used as usize + r < ctx.seq_capacity()
         }) {
             tracing::debug!(
                 "seq {}: compaction after a reply of up to {room} tokens",
