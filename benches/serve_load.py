@@ -145,6 +145,7 @@ def conversation(args, i, doc, code, stats):
             # The summary turn, then the question: the idea turn left out.
             turns = [turns[0], question]
     messages = []
+    ttfts = []
     for k, turn in enumerate(turns):
         messages.append({"role": "user", "content": turn})
         status, text, ttft, gaps, n, span = stream_chat(args.url, messages, args.max_tokens, extra, args.timeout)
@@ -155,6 +156,7 @@ def conversation(args, i, doc, code, stats):
                 return
             if ttft is not None:
                 stats.ttft.append(ttft)
+                ttfts.append(round(ttft, 3))
             stats.gaps.extend(gaps)
             stats.tokens += n
             if span is not None:
@@ -167,7 +169,7 @@ def conversation(args, i, doc, code, stats):
         stats.recalled += ok
         replies = [m["content"][:200] for m in messages if m["role"] == "assistant"]
         stats.answers.append(
-            {"conversation": i, "code": code, "answer": text[:80], "recalled": ok, "replies": replies}
+            {"conversation": i, "code": code, "answer": text[:80], "recalled": ok, "replies": replies, "ttft_s": ttfts}
         )
 
 

@@ -574,72 +574,94 @@ fn a_prompt_longer_than_its_slot_is_compressed_as_it_fills_while_the_other_slot_
     );
 }
 
-/// Two turns that arrive together on a compressing server: the reply of the
-/// one compressed first waits for the other's compression (`--batch-replies`)
-/// so both decode in one batch, and its text, held back meanwhile, still
-/// comes whole, streamed or not. With `--batch-replies 0` none waits.
+/// Two short turns that arrive together on a compressing server (while a
+/// third slot takes in a document): the reply of the one compressed first
+/// is parked until the other's turn is in (`--batch-replies`), so both
+/// decode in one batch, and its text, held back meanwhile, still comes
+/// whole, streamed or not.
 #[test]
 fn replies_to_turns_that_arrive_together_start_together() {
-    let doc = format!("Here is a text. {}\nWhat is it about?", essays(5000));
-    for (ms, batched) in [("60000", true), ("0", false)] {
-        let server = Server::start(
-            "smollm2-135m",
-            &["-c", "4096", "-np", "2", "--batch-replies", ms],
-        );
-        let url = server.url("/v1/chat/completions");
-        let plain = chat_body(&doc, 8);
-        let mut streamed = plain.clone();
-        streamed["stream"] = true.into();
-        let requests: Vec<_> = [plain, streamed]
-            .into_iter()
-            .map(|body| {
-                let (url, body) = (url.clone(), body.to_string());
-                std::thread::spawn(move || {
-                    curl(&[
-                        "-N",
-                        "-H",
-                        "content-type: application/json",
-                        "-d",
-                        &body,
-                        &url,
-                    ])
-                })
-            })
-            .collect();
-        let replies: Vec<(u16, String)> = requests.into_iter().map(|h| h.join().unwrap()).collect();
-        let log = server.log();
-        let (status, body) = &replies[0];
-        assert_eq!(*status, 200, "{body}\n{log}");
-        let reply = json(body);
-        let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
-        assert!(!content.trim().is_empty(), "{body}");
-        assert_eq!(reply["usage"]["completion_tokens"], 8, "{body}");
-        let (status, events) = &replies[1];
-        assert_eq!(*status, 200, "{events}\n{log}");
-        assert!(events.trim_end().ends_with("data: [DONE]"), "{events}");
-        let text: String = events
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .filter(|d| *d != "[DONE]")
-            .filter_map(|d| {
-                json(d)["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .map(String::from)
-            })
-            .collect();
-        assert!(!text.trim().is_empty(), "{events}");
-        assert!(
-            metric(&server, "chunkkv_compressions_total") >= 2.0,
-            "both turns should be compressed\n{log}"
-        );
-        let waited = metric(&server, "chunkkv_replies_batched_total");
-        if batched {
-            assert_eq!(
-                waited, 1.0,
-                "the first compressed reply waits for the other\n{log}"
-            );
-        } else {
-            assert_eq!(waited, 0.0, "--batch-replies 0 starts every reply at once");
-        }
+    let server = Server::start(
+        "smollm2-135m",
+        &["-c", "6144", "-np", "3", "--batch-replies", "60000"],
+    );
+    let url = server.url("/v1/chat/completions");
+    let text = essays(12000);
+    // Two conversations, each with a compressed document in its first turn.
+    let mut convs: Vec<Vec<Value>> = Vec::new();
+    for part in [&text[..4000], &text[4000..8000]] {
+        let first = chat_body(&format!("Here is a text. {part}\nWhat is it about?"), 8);
+        let (status, body) = post(&server, "/v1/chat/completions", &first, &[]);
+        assert_eq!(status, 200, "{body}");
+        let reply = json(&body)["choices"][0]["message"]["content"].clone();
+        convs.push(vec![
+            first["messages"][0].clone(),
+            serde_json::json!({"role": "assistant", "content": reply}),
+            serde_json::json!({"role": "user", "content":
+                "Thank you. Now name one idea from the text in a few words, and say whether \
+                 you agree with it, and why, keeping the whole answer to a single sentence."}),
+        ]);
     }
+    // A third conversation's document keeps the engine's steps long while
+    // both second turns arrive.
+    let doc = chat_body(
+        &format!("Here is a text. {}\nWhat is it about?", &text[8000..]),
+        8,
+    );
+    let background = {
+        let (url, body) = (url.clone(), doc.to_string());
+        std::thread::spawn(move || {
+            curl(&["-H", "content-type: application/json", "-d", &body, &url])
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let requests: Vec<_> = convs
+        .iter()
+        .enumerate()
+        .map(|(k, messages)| {
+            let body = serde_json::json!({
+                "messages": messages, "max_tokens": 8, "temperature": 0, "stream": k == 1,
+            });
+            let (url, body) = (url.clone(), body.to_string());
+            std::thread::spawn(move || {
+                curl(&[
+                    "-N",
+                    "-H",
+                    "content-type: application/json",
+                    "-d",
+                    &body,
+                    &url,
+                ])
+            })
+        })
+        .collect();
+    let replies: Vec<(u16, String)> = requests.into_iter().map(|h| h.join().unwrap()).collect();
+    let (status, body) = background.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let log = server.log();
+    let (status, body) = &replies[0];
+    assert_eq!(*status, 200, "{body}\n{log}");
+    let reply = json(body);
+    let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!content.trim().is_empty(), "{body}");
+    assert_eq!(reply["usage"]["completion_tokens"], 8, "{body}");
+    let (status, events) = &replies[1];
+    assert_eq!(*status, 200, "{events}\n{log}");
+    assert!(events.trim_end().ends_with("data: [DONE]"), "{events}");
+    let streamed: String = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| {
+            json(d)["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert!(!streamed.trim().is_empty(), "{events}");
+    assert_eq!(
+        metric(&server, "chunkkv_replies_batched_total"),
+        1.0,
+        "the first compressed of the two turns waits for the other\n{log}"
+    );
 }

@@ -50,10 +50,10 @@ pub struct ServeArgs {
     /// layer keeps, to follow a fact through a conversation's compressions.
     #[arg(long = "kv-trace", value_name = "TEXT")]
     pub trace: Option<String>,
-    /// While other turns wait for their compression, a compressed turn's
-    /// reply waits up to MS milliseconds for them, so the replies start
+    /// A compressed turn's reply waits up to about MS milliseconds for the
+    /// other short turns waiting for their compression, so the replies start
     /// together and decode in one batch (0: every reply starts at once).
-    #[arg(long = "batch-replies", value_name = "MS", default_value_t = 1000)]
+    #[arg(long = "batch-replies", value_name = "MS", default_value_t = 0)]
     pub batch_replies: u64,
     /// With --kv-recall: a turn's reply is decoded over everything the turn
     /// brought back (a slot owns its cells anyway), and the compaction to

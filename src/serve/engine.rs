@@ -185,11 +185,15 @@ impl Work {
             && self.done + self.window >= self.pending.len()
     }
 
-    /// The turn waits for its scoring, or will within a step: replies
-    /// parked meanwhile wait for it.
+    /// A short turn (a prompt of one step's chunk, no document) waits for
+    /// its scoring, or will within a step: replies parked meanwhile wait for
+    /// it. A document's compression can take far longer than a turn's (a
+    /// reconstruction on a CPU: tens of seconds), so none waits for one.
     fn turn_near(&self) -> bool {
         self.next.is_none()
-            && self.fill != Fill::Segmented
+            && self.fill == Fill::Fits
+            && !self.reconstruct
+            && self.pending.len() <= PREFILL_CHUNK + self.window
             && self.done + self.window + PREFILL_CHUNK >= self.pending.len()
     }
 
@@ -597,6 +601,9 @@ struct Schedule {
     /// replies started one compression apart; the price is time to first
     /// token, bounded by this.
     batch: Duration,
+    /// How long the last compression took: the next one likely takes as
+    /// long, so parked replies do not wait for one that would end past `batch`.
+    last: Duration,
 }
 
 impl Schedule {
@@ -609,14 +616,15 @@ impl Schedule {
     /// Books a compression that started at `t0` and ends now.
     fn compressed(&mut self, t0: Instant) {
         let now = Instant::now();
-        self.quiet_until = Some(now + (now - t0));
+        self.last = now - t0;
+        self.quiet_until = Some(now + self.last);
     }
 
     /// Whether parked replies start now: no other turn waits for its
-    /// compression (`waiting`), or the first parked one (`since`) has
-    /// waited its time.
+    /// compression (`waiting`), or the first parked one (`since`) would
+    /// wait past its time for another compression as long as the last.
     fn unparks(&self, since: Instant, waiting: bool) -> bool {
-        !waiting || since.elapsed() >= self.batch
+        !waiting || since.elapsed() + self.last >= self.batch
     }
 }
 
@@ -644,6 +652,10 @@ fn step(
             .iter()
             .any(|s| s.work.as_ref().is_some_and(Work::turn_near));
         if sched.unparks(since, waiting) {
+            tracing::debug!(
+                "replies start together after {:.0} ms parked (another turn near: {waiting})",
+                since.elapsed().as_secs_f64() * 1e3
+            );
             for w in slots.iter_mut().filter_map(|s| s.work.as_mut()) {
                 w.unpark();
             }
@@ -769,7 +781,24 @@ fn step(
             .as_ref()
             .is_some_and(|w| w.awaits_turn() && (may || w.budget.is_none()))
     };
-    if let Some(i) = slots.iter().position(ready) {
+    // Parked replies wait for short turns only: those go first, and before
+    // any other compression the parked replies start.
+    let parked = slots
+        .iter()
+        .any(|s| s.work.as_ref().is_some_and(|w| w.parked.is_some()));
+    let near = |s: &Slot| s.work.as_ref().is_some_and(Work::turn_near);
+    let pick = parked
+        .then(|| slots.iter().position(|s| ready(s) && near(s)))
+        .flatten()
+        .or_else(|| slots.iter().position(ready));
+    if let Some(i) = pick {
+        if parked && !near(&slots[i]) {
+            tracing::debug!("replies start before a longer compression");
+            for w in slots.iter_mut().filter_map(|s| s.work.as_mut()) {
+                w.unpark();
+            }
+            return;
+        }
         let compresses = slots[i].work.as_ref().is_some_and(|w| w.budget.is_some());
         // Another turn waits too (or will within a step): this reply waits
         // for it, to start with it.
@@ -777,10 +806,14 @@ fn step(
             .iter()
             .enumerate()
             .any(|(j, s)| j != i && s.work.as_ref().is_some_and(Work::turn_near));
-        if others && !sched.batch.is_zero() {
+        if others && sched.last < sched.batch {
             if let Some(w) = slots[i].work.as_mut() {
                 w.parked = Some((Instant::now(), String::new()));
                 metrics.batched.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    "seq {}: reply parked for the turns near theirs",
+                    slots[i].seq
+                );
             }
         }
         compress_window(ctx, &mut slots[i], metrics, cfg.compact_after_reply);
@@ -1191,7 +1224,7 @@ mod tests {
     }
 
     /// Parked replies start once no other turn is near its compression, or
-    /// once the first has waited `--batch-replies`, whichever comes first.
+    /// once another compression would keep the first past `--batch-replies`.
     #[test]
     fn parked_replies_start_when_no_turn_waits_or_their_time_is_up() {
         let sched = Schedule {
@@ -1204,6 +1237,15 @@ mod tests {
         assert!(
             sched.unparks(now - Duration::from_millis(600), true),
             "waited its 500 ms"
+        );
+        let slow = Schedule {
+            last: Duration::from_millis(300),
+            ..sched
+        };
+        assert!(!slow.unparks(now - Duration::from_millis(100), true));
+        assert!(
+            slow.unparks(now - Duration::from_millis(250), true),
+            "another 300 ms compression would end past 500 ms"
         );
     }
 
