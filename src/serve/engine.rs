@@ -371,13 +371,12 @@ fn assign(
         };
         let job = waiting.pop_front().expect("front exists");
         let slot = &mut slots[i];
-        if let Err(e) = settle(ctx, slot, metrics) {
-            job.admitted.fetch_sub(1, Ordering::AcqRel);
-            let _ = job.events.send(Event::Error(e));
-            continue;
-        }
-        if reuse.is_none() {
-            // A new conversation: the slot starts over.
+        // The conversation goes on from its compacted cache; if that
+        // compaction fails, the whole conversation is prefilled again.
+        let settled = reuse.is_some() && settle(ctx, slot, metrics);
+        if !settled {
+            // A new conversation (or one whose held-back compaction failed):
+            // the slot starts over.
             ctx.seq_rm(slot.seq, -1, -1);
             slot.cached.clear();
             slot.cursor = Cursor::default();
@@ -397,11 +396,11 @@ fn assign(
 }
 
 /// The compaction the slot's last turn held back for its reply
-/// (`--kv-compact-after-reply`), before the slot takes new work. A failure
-/// leaves the slot empty.
-fn settle(ctx: &mut Context<'_>, slot: &mut Slot, metrics: &Metrics) -> Result<(), ApiError> {
+/// (`--kv-compact-after-reply`), before the slot takes the conversation's
+/// next turn. False when it failed (the slot must start over).
+fn settle(ctx: &mut Context<'_>, slot: &mut Slot, metrics: &Metrics) -> bool {
     let Some(c) = slot.compressor.as_mut() else {
-        return Ok(());
+        return true;
     };
     let recalled = c.recalled_total();
     match c.settle(ctx) {
@@ -409,16 +408,14 @@ fn settle(ctx: &mut Context<'_>, slot: &mut Slot, metrics: &Metrics) -> Result<(
             metrics
                 .recalled
                 .fetch_add(c.recalled_total() - recalled, Ordering::Relaxed);
-            Ok(())
+            true
         }
         Err(e) => {
-            ctx.seq_rm(slot.seq, -1, -1);
-            slot.cached.clear();
-            slot.cursor = Cursor::default();
-            c.reset();
-            Err(ApiError::server(format!(
-                "the conversation's cache could not be compacted: {e}"
-            )))
+            tracing::warn!(
+                "seq {}: the held-back compaction failed ({e}): prefilling the conversation again",
+                slot.seq
+            );
+            false
         }
     }
 }
