@@ -756,24 +756,28 @@ impl<'m> Context<'m> {
         }
     }
 
-    /// Importance since [`Context::importance_begin`] for model layer `il`.
+    /// Importance since [`Context::importance_begin`] for model layer `il`,
+    /// over the cells of one sequence's stream (every cell with one stream):
+    /// scoring decodes hold one sequence, whose cells come first (patch
+    /// 0009; with 20 slots a read moves 1/20 of the context's sums).
     pub fn importance(&self, il: u32) -> Option<LayerImportance> {
         let n_head_kv = self.model.layer_n_head_kv(il) as usize;
-        let n_ctx = self.n_ctx as usize;
-        let mut buf = vec![0f32; n_head_kv * n_ctx];
-        // SAFETY: buf holds n_head_kv * n_ctx floats.
+        let n_cells = self.seq_capacity().min(self.n_ctx as usize);
+        let mut buf = vec![0f32; n_head_kv * n_cells];
+        // SAFETY: buf holds n_head_kv * n_cells floats.
         let n = unsafe {
-            sys::llama_kv_importance_get(
+            sys::llama_kv_importance_get_cells(
                 self.ptr.as_ptr(),
                 il as i32,
+                n_cells as i32,
                 buf.as_mut_ptr(),
                 buf.len() as i32,
             )
         };
-        if n < 0 {
+        if n < 0 || n as usize != buf.len() {
             return None;
         }
-        Some(LayerImportance::new(il, n_ctx, buf))
+        Some(LayerImportance::new(il, n_cells, buf))
     }
 
     /// Moves kept cells to slots `0..n_keep` on the device (patch 0003).
