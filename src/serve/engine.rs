@@ -653,9 +653,7 @@ fn step(
                 "replies start together after {:.0} ms parked (another turn near: {waiting})",
                 since.elapsed().as_secs_f64() * 1e3
             );
-            for w in slots.iter_mut().filter_map(|s| s.work.as_mut()) {
-                w.unpark();
-            }
+            unpark_all(slots);
         }
     }
     batch.clear();
@@ -791,9 +789,7 @@ fn step(
     if let Some(i) = pick {
         if parked && !near(&slots[i]) {
             tracing::debug!("replies start before a longer compression");
-            for w in slots.iter_mut().filter_map(|s| s.work.as_mut()) {
-                w.unpark();
-            }
+            unpark_all(slots);
             return;
         }
         let compresses = slots[i].work.as_ref().is_some_and(|w| w.budget.is_some());
@@ -838,6 +834,13 @@ fn step(
         squeeze_slot(ctx, &mut slots[i], metrics);
         sched.compressed(t0);
         trace(&slots[i], "fill");
+    }
+}
+
+/// Starts every parked reply.
+fn unpark_all(slots: &mut [Slot]) {
+    for w in slots.iter_mut().filter_map(|s| s.work.as_mut()) {
+        w.unpark();
     }
 }
 
