@@ -187,6 +187,97 @@ fn pinned_draft_positions_keep_the_fact_in_every_layer() {
     );
 }
 
+/// A turn whose compaction waits for its reply (`serve
+/// --kv-compact-after-reply`): no draft before the reply, which sees every
+/// row the question brought back; at `settle` the reply's own first tokens
+/// score the cache in one decode and what they copied is pinned. Returns
+/// the fact's tokens kept per layer after the compaction, and checks that
+/// the conversation goes on from the compacted cache.
+fn run_deferred_case(scored_by_reply: bool) -> Vec<usize> {
+    let model = qwen();
+    let mut ctx = ctx(model, 4096, FlashAttn::On);
+    let (doc, fact) = document(model);
+    let n = doc.len();
+    let store = RecallStore::new(&ctx, SEQ, None).unwrap();
+    let mut c = chunkkv(&ctx)
+        .with_recall(store)
+        .unwrap()
+        .with_recall_probe(8)
+        .with_recall_pin(16)
+        .with_recall_unify(false);
+    let n_keep = Budget::Ratio(0.1).cells_for(n);
+    c.prefill(&mut ctx, &doc, 0, n_keep, serde_json::json!(0.1))
+        .unwrap();
+    let ask = tok(model, QUESTION, false);
+    let end = (n + ask.len()) as i32;
+    c.defer_compaction(16);
+    c.recall_window(&mut ctx, &ask, n as i32, n_keep, serde_json::json!(0.1))
+        .unwrap();
+    assert!(c.unsettled(), "the compaction waits for the reply");
+    // No draft: the cache ends with the question, the rows brought back still in.
+    assert_eq!(ctx.seq_pos_max(SEQ), Some(end - 1));
+    let used = |ctx: &Context<'_>| ctx.seq_kv_stats(KvPart::Base, SEQ).unwrap().cells_used as usize;
+    assert!(used(&ctx) > n_keep, "{} cells before the reply", used(&ctx));
+    let mut greedy = Sampler::new(&SamplingParams::greedy());
+    let (reply, text, _, _) = pipeline::decode(&mut ctx, &mut greedy, end, 12, |_| {}).unwrap();
+    assert!(
+        text.contains("7319"),
+        "the reply sees the recalled fact: {text:?}"
+    );
+    let in_cache = (ctx.seq_pos_max(SEQ).unwrap() - end + 1) as usize;
+    if scored_by_reply {
+        c.replied(&reply[..in_cache]);
+    }
+    assert!(c.settle(&mut ctx).unwrap());
+    assert!(!c.unsettled());
+    // The budget holds again, the reply kept whole after the question.
+    assert!(
+        used(&ctx) <= n_keep + in_cache,
+        "{} cells after settling",
+        used(&ctx)
+    );
+    assert_eq!(ctx.seq_pos_max(SEQ), Some(end - 1 + in_cache as i32));
+    let n_layers = ctx.kv_layers(KvPart::Base).len();
+    let kept: Vec<usize> = (0..n_layers)
+        .map(|l| {
+            let kept = c.slot_table().positions(l, 0);
+            fact.clone().filter(|&p| kept.contains(&(p as i32))).count()
+        })
+        .collect();
+    // The reply's tokens came back intact: the conversation goes on.
+    let again = tok(
+        model,
+        "<|im_end|>\n<|im_start|>user\nSay the code once more.<|im_end|>\n<|im_start|>assistant\n",
+        false,
+    );
+    let at = end + in_cache as i32;
+    ctx.decode_tokens(&again, at, SEQ, true).unwrap();
+    let text = answer(&mut ctx, at as usize + again.len(), 12);
+    assert!(
+        text.contains("7319"),
+        "the next turn still knows the code: {text:?}"
+    );
+    kept
+}
+
+/// The reply scores a held-back compaction as a draft would have: what it
+/// copied stays in every layer, and no layer keeps fewer of the fact's
+/// tokens than when the window alone scores.
+#[test]
+fn a_held_back_compaction_is_scored_by_the_reply_itself() {
+    let window_only = run_deferred_case(false);
+    let by_reply = run_deferred_case(true);
+    eprintln!("fact tokens kept per layer: {window_only:?} window only, {by_reply:?} by the reply");
+    assert!(
+        keeps_at_least(&by_reply, &window_only),
+        "the reply's scores must not lose the fact's tokens in any layer"
+    );
+    assert!(
+        by_reply.iter().all(|&k| k > 0),
+        "every layer keeps the fact the reply copied: {by_reply:?}"
+    );
+}
+
 /// With unified layer groups (`--kv-recall-unify`, the CLI's default) every
 /// group writes back and keeps the same chunks, so the fact comes back in
 /// every layer, and in none with fewer of its tokens than the split choice

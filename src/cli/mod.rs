@@ -371,7 +371,9 @@ pub struct RecallArgs {
     pub cells: Option<usize>,
     /// Reply tokens a recalling turn drafts greedily over the whole history
     /// to score it (then drops) before its compaction: the answer attends to
-    /// the value it copies, the question only to the key (0: off) [default: 32].
+    /// the value it copies, the question only to the key (0: off); when the
+    /// compaction waits for the reply (serve), the reply's first N tokens
+    /// score instead [default: 32].
     #[arg(long = "kv-recall-probe", value_name = "N")]
     pub probe: Option<usize>,
     /// With a draft: the N positions it attends to most (in any layer) are

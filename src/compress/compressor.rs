@@ -166,6 +166,21 @@ struct Deferred {
     /// The turn's last position: the reply's tokens come after it.
     last: Pos,
     recalling: Option<Recalling>,
+    /// Set when the reply, not a draft, is to score the cache: `importance`
+    /// is then the window's alone.
+    reply_scores: Option<ReplyScores>,
+}
+
+/// The reply that scores a held-back compaction in place of a draft: it is
+/// what the model said over everything the turn brought back, so it
+/// attends to what the conversation relies on, and its tokens are known, so
+/// one batched decode scores them where a draft takes one decode per token.
+#[derive(Debug)]
+struct ReplyScores {
+    /// Where the turn's window starts: pins come from before it.
+    window_start: Pos,
+    /// The reply's tokens in the cache after the turn ([`Compressor::replied`]).
+    reply: Vec<Token>,
 }
 
 /// A compressor's state to come back to: its slot table and recall store
@@ -831,11 +846,51 @@ impl Compressor {
         let Some(d) = self.deferred.take() else {
             return Ok(false);
         };
+        let t = Instant::now();
         let reply = ctx.seq_pos_max(self.seq).map_or(0, |p| (p - d.last).max(0)) as usize;
         self.recalling = d.recalling;
-        let done = self.select_and_compact(ctx, &d.importance, d.keep, d.n_keep + reply);
+        let scored = d
+            .reply_scores
+            .as_ref()
+            .map_or(0, |r| r.reply.len().min(self.recall_probe));
+        let done = self
+            .reply_scored(ctx, d.importance, d.reply_scores, d.last)
+            .and_then(|imp| self.select_and_compact(ctx, &imp, d.keep, d.n_keep + reply));
         self.recalling = None;
+        tracing::debug!(
+            "seq {}: held-back compaction, {scored} reply tokens scored, {:.1} ms",
+            self.seq,
+            t.elapsed().as_secs_f64() * 1e3
+        );
         done.map(|_| true)
+    }
+
+    /// A held-back compaction's scores: the window's (`importance`), with
+    /// the reply's merged in when it is to score them.
+    fn reply_scored(
+        &self,
+        ctx: &mut Context<'_>,
+        mut importance: Vec<LayerImportance>,
+        scores: Option<ReplyScores>,
+        last: Pos,
+    ) -> Result<Vec<LayerImportance>, CompressError> {
+        let Some(r) = scores else {
+            return Ok(importance);
+        };
+        if let Some(draft) = self.score_reply(ctx, &r.reply, last + 1)? {
+            importance = self.with_draft(ctx, importance, draft, r.window_start);
+        }
+        self.unify(ctx, &mut importance);
+        Ok(importance)
+    }
+
+    /// The tokens of the reply to the turn whose compaction waits for
+    /// [`Compressor::settle`] (those in the cache: a final token that was
+    /// sampled but never decoded is not).
+    pub fn replied(&mut self, tokens: &[Token]) {
+        if let Some(r) = self.deferred.as_mut().and_then(|d| d.reply_scores.as_mut()) {
+            r.reply = tokens.to_vec();
+        }
     }
 
     /// Records where sentences end among `tokens` at positions `start..`, for
@@ -1374,11 +1429,20 @@ impl Compressor {
             }
             _ => {}
         }
+        // A turn whose compaction waits for its reply (`defer_compaction`):
+        // the reply scores the cache at `settle`, so no draft here.
+        let recalling = self.recalling.is_some();
+        let defer = self
+            .reply_room
+            .take()
+            .filter(|&r| recalling && ctx.seq_used(self.seq) + w + r < ctx.seq_capacity());
+        let scores_reply = self.recall_probe > 0 && w > 0 && recalling && rows.is_some();
+        let reply_scores = scores_reply && defer.is_some() && prior.is_none();
+        let probing = scores_reply && !reply_scores;
         let mut decoded = ctx.decode_tokens(tail, tail_start, self.seq, true);
-        let probing = self.recall_probe > 0 && w > 0 && self.recalling.is_some() && rows.is_some();
-        // Pins need the draft's attention apart from the window's.
+        // The draft's attention apart from the window's (for its pins).
         let mut window_scores = None;
-        if probing && decoded.is_ok() && self.recall_pin > 0 {
+        if probing && decoded.is_ok() {
             let leaders = self.leader_flags(ctx);
             let reduce = self.policy.score_reduce();
             let restarted = self.read_importance(ctx).and_then(|s| {
@@ -1416,18 +1480,10 @@ impl Compressor {
         };
         ms.readback = t_read.elapsed().as_secs_f64() * 1e3;
         if let Some(window) = window_scores {
-            // `importance` is the draft's alone here.
-            let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
-            let pins = self.draft_pins(&meta, &importance, tail_start);
-            let reduce = self.policy.score_reduce();
-            for (imp, win) in importance.iter_mut().zip(&window) {
-                imp.merge(win, reduce);
-            }
-            self.pin_positions(&meta, &mut importance, &pins);
+            importance = self.with_draft(ctx, window, importance, tail_start);
         }
-        if self.recall_unify && self.recalling.is_some() {
-            let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
-            self.unify_groups(&meta, &mut importance);
+        if !reply_scores {
+            self.unify(ctx, &mut importance);
         }
         for (imp, prior) in importance.iter_mut().zip(prior.unwrap_or_default()) {
             imp.add(prior);
@@ -1440,10 +1496,7 @@ impl Compressor {
         };
         // The reply first, then the compaction: it fits beside what the
         // turn brought back (recall left it the room).
-        let room = self.reply_room.take();
-        if let Some(room) = room.filter(|&r| {
-            self.recalling.is_some() && full.cells_used as usize + r < ctx.seq_capacity()
-        }) {
+        if let Some(room) = defer {
             tracing::debug!(
                 "seq {}: compaction after a reply of up to {room} tokens",
                 self.seq
@@ -1457,6 +1510,10 @@ impl Compressor {
                 n_keep,
                 last,
                 recalling: self.recalling.take(),
+                reply_scores: reply_scores.then_some(ReplyScores {
+                    window_start: tail_start,
+                    reply: Vec::new(),
+                }),
             });
             return Ok((ms, full));
         }
@@ -1471,6 +1528,84 @@ impl Compressor {
             ctx.decode_tokens(&tail[w - 1..], last, self.seq, true)?;
         }
         Ok((ms, full))
+    }
+
+    /// The draft's scores (of `draft`) merged with the window's, the
+    /// positions it attended to most before the window pinned.
+    fn with_draft(
+        &self,
+        ctx: &Context<'_>,
+        window: Vec<LayerImportance>,
+        mut draft: Vec<LayerImportance>,
+        window_start: Pos,
+    ) -> Vec<LayerImportance> {
+        let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
+        let pins = match self.recall_pin {
+            0 => Vec::new(),
+            _ => self.draft_pins(&meta, &draft, window_start),
+        };
+        let reduce = self.policy.score_reduce();
+        for (imp, win) in draft.iter_mut().zip(&window) {
+            imp.merge(win, reduce);
+        }
+        self.pin_positions(&meta, &mut draft, &pins);
+        draft
+    }
+
+    /// Recalling turns score by position across layer groups ([`Compressor::with_recall_unify`]).
+    fn unify(&self, ctx: &Context<'_>, importance: &mut [LayerImportance]) {
+        if self.recall_unify && self.recalling.is_some() {
+            let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
+            self.unify_groups(&meta, importance);
+        }
+    }
+
+    /// The first `recall_probe` tokens of the reply at `at` (in the cache)
+    /// scored as a draft of them would be: the reply leaves the cache and
+    /// comes back, its first tokens in one decode with importance on.
+    /// `None` when there is no reply to score, or the cache does not hold
+    /// exactly these tokens after `at`.
+    fn score_reply(
+        &self,
+        ctx: &mut Context<'_>,
+        reply: &[Token],
+        at: Pos,
+    ) -> Result<Option<Vec<LayerImportance>>, CompressError> {
+        let in_cache = ctx.seq_pos_max(self.seq).map_or(0, |p| (p - at + 1).max(0)) as usize;
+        let k = reply
+            .len()
+            .min(self.recall_probe)
+            .min(ctx.n_ubatch() as usize);
+        if k == 0 || in_cache != reply.len() {
+            if in_cache != reply.len() {
+                tracing::debug!(
+                    "seq {}: the cache holds {in_cache} reply tokens, not {}: scored without them",
+                    self.seq,
+                    reply.len()
+                );
+            }
+            return Ok(None);
+        }
+        // llama.cpp takes a sequence's positions only in order: the whole
+        // reply goes, its first tokens come back scored, then the rest.
+        if !ctx.seq_rm(self.seq, at, -1) {
+            return Err(CompressError::Unsupported(
+                "the reply could not be scored again".into(),
+            ));
+        }
+        let leaders = self.leader_flags(ctx);
+        ctx.importance_begin(
+            &leaders,
+            ScoreRows::Last(k as u32),
+            self.policy.score_reduce(),
+        )?;
+        let decoded = ctx.decode_tokens(&reply[..k], at, self.seq, false);
+        ctx.importance_end();
+        decoded?;
+        if k < reply.len() {
+            ctx.decode_tokens(&reply[k..], at + k as Pos, self.seq, false)?;
+        }
+        self.read_importance(ctx).map(Some)
     }
 
     /// Importance of every leader layer since the last `importance_begin`.

@@ -1154,6 +1154,9 @@ fn sample(ctx: &mut Context<'_>, s: &mut Slot, row: i32, metrics: &Metrics) {
 fn end(ctx: &Context<'_>, s: &mut Slot, reason: FinishReason, flush: bool) {
     let Some(mut w) = s.work.take() else { return };
     s.cached = w.rendered.clone() + &ctx.model().detokenize(&w.decoded, false);
+    if let Some(c) = s.compressor.as_mut() {
+        c.replied(&w.decoded);
+    }
     s.last_used = Instant::now();
     w.unpark();
     let rest = std::mem::take(&mut w.held) + &w.detok.finish();
