@@ -572,6 +572,23 @@ fn a_prompt_longer_than_its_slot_is_compressed_as_it_fills_while_the_other_slot_
         "{compressions} compressions for {prompt} prompt tokens in a 1024-cell slot\n{}",
         server.log()
     );
+    // The engine's time: batches and the document's compressions, and no
+    // more of it than has passed (one thread).
+    let (_, text) = curl(&[&server.url("/metrics")]);
+    let engine = |work: &str| {
+        let line = format!("chunkkv_engine_seconds_total{{work=\"{work}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(line.as_str())?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {line}in\n{text}"))
+    };
+    let (batch, document) = (engine("batch"), engine("document"));
+    let all = batch + document + engine("turn") + engine("settle");
+    assert!(batch > 0.0 && document > 0.0, "{text}");
+    assert!(
+        all <= started.elapsed().as_secs_f64(),
+        "{all} s of engine time in {:?}",
+        started.elapsed()
+    );
 }
 
 /// Two short turns that arrive together on a compressing server (while a

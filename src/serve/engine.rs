@@ -22,7 +22,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::api::{ApiError, FinishReason, Usage};
-use super::metrics::Metrics;
+use super::metrics::{EngineWork, Metrics};
 use crate::compress::stream::{self, Cursor};
 use crate::compress::{
     Budget, ChunkKv, ChunkScore, Chunking, Compressor, Keep, Method, RecallMode, RecallStore,
@@ -403,7 +403,10 @@ fn settle(ctx: &mut Context<'_>, slot: &mut Slot, metrics: &Metrics) -> bool {
         return true;
     };
     let recalled = c.recalled_total();
-    match c.settle(ctx) {
+    let t = Instant::now();
+    let settled = c.settle(ctx);
+    metrics.engine_time(EngineWork::Settle, t);
+    match settled {
         Ok(_) => {
             metrics
                 .recalled
@@ -742,6 +745,7 @@ fn step(
         room -= n;
         chunks.push((i, n));
     }
+    let t_batch = Instant::now();
     if !batch.is_empty() {
         if let Err(e) = ctx.decode(batch) {
             let err = ApiError::server(format!("decode failed: {e}"));
@@ -764,6 +768,9 @@ fn step(
         s.cursor.next_pos += 1;
         s.cursor.prefilled += 1;
         sample(ctx, s, row, metrics);
+    }
+    if !batch.is_empty() {
+        metrics.engine_time(EngineWork::Batch, t_batch);
     }
     // One compression per step. First a slot whose head is in (its client
     // waits for the first token): its window, scored, then compaction. A
@@ -810,6 +817,7 @@ fn step(
             }
         }
         compress_window(ctx, &mut slots[i], metrics, cfg.compact_after_reply);
+        metrics.engine_time(EngineWork::Turn, t0);
         if let Some((since, _)) = slots[i].work.as_mut().and_then(|w| w.parked.as_mut()) {
             *since = Instant::now();
         }
@@ -825,6 +833,7 @@ fn step(
     // A prompt that does not fit the free cells: one segment, compressed.
     if let Some(i) = segment {
         prefill_segment(ctx, &mut slots[i], metrics);
+        metrics.engine_time(EngineWork::Document, t0);
         sched.compressed(t0);
         trace(&slots[i], "segment");
         return;
@@ -832,6 +841,7 @@ fn step(
     // A chunked prompt that filled its slot: its next tokens score, then compaction.
     if let Some(i) = squeeze {
         squeeze_slot(ctx, &mut slots[i], metrics);
+        metrics.engine_time(EngineWork::Document, t0);
         sched.compressed(t0);
         trace(&slots[i], "fill");
     }

@@ -3,6 +3,41 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
+
+/// What the engine thread spends its time on: every step's batched decode,
+/// then at most one compression. Compressions hold every slot up, so their
+/// share of the engine's time is what streaming replies wait for.
+#[derive(Debug, Clone, Copy)]
+pub enum EngineWork {
+    /// The batched decode of every streaming slot's next token and the
+    /// prefill chunks beside it, with the sampling after it.
+    Batch,
+    /// A turn's scored window and its compression (with recall, its ranking).
+    Turn,
+    /// A long prompt's compression as it fills its slot.
+    Document,
+    /// A compaction held back for its reply (`--kv-compact-after-reply`).
+    Settle,
+}
+
+impl EngineWork {
+    const ALL: [EngineWork; 4] = [
+        EngineWork::Batch,
+        EngineWork::Turn,
+        EngineWork::Document,
+        EngineWork::Settle,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            EngineWork::Batch => "batch",
+            EngineWork::Turn => "turn",
+            EngineWork::Document => "document",
+            EngineWork::Settle => "settle",
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -18,6 +53,8 @@ pub struct Metrics {
     pub recalled: AtomicU64,
     /// Replies that waited for other turns, to start with them (`--batch-replies`).
     pub batched: AtomicU64,
+    /// Nanoseconds of engine time per [`EngineWork`].
+    engine_ns: [AtomicU64; 4],
 }
 
 impl Metrics {
@@ -43,6 +80,12 @@ impl Metrics {
                 *e = bytes;
             }
         }
+    }
+
+    /// Adds the time since `since` to what the engine spent on `work`.
+    pub fn engine_time(&self, work: EngineWork, since: Instant) {
+        let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.engine_ns[work as usize].fetch_add(ns, Ordering::Relaxed);
     }
 
     /// The exposition text.
@@ -84,6 +127,18 @@ impl Metrics {
             "Requests refused because the queue was full.",
             self.rejected.load(Ordering::Relaxed),
         );
+        let _ = writeln!(
+            out,
+            "# HELP chunkkv_engine_seconds_total Engine thread time by work: batch (every slot's next token and prefill chunks), turn (a turn's scoring and compression), document (a long prompt's compressions), settle (compactions held back for replies).\n# TYPE chunkkv_engine_seconds_total counter"
+        );
+        for work in EngineWork::ALL {
+            let s = self.engine_ns[work as usize].load(Ordering::Relaxed) as f64 / 1e9;
+            let _ = writeln!(
+                out,
+                "chunkkv_engine_seconds_total{{work=\"{}\"}} {s:.6}",
+                work.label()
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP chunkkv_requests_waiting Requests admitted and not finished.\n# TYPE chunkkv_requests_waiting gauge\nchunkkv_requests_waiting {waiting}"
