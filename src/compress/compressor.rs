@@ -853,14 +853,17 @@ impl Compressor {
             .reply_scores
             .as_ref()
             .map_or(0, |r| r.reply.len().min(self.recall_probe));
-        let done = self
-            .reply_scored(ctx, d.importance, d.reply_scores, d.last)
-            .and_then(|imp| self.select_and_compact(ctx, &imp, d.keep, d.n_keep + reply));
+        let scores = self.reply_scored(ctx, d.importance, d.reply_scores, d.last);
+        let t_compact = Instant::now();
+        let done =
+            scores.and_then(|imp| self.select_and_compact(ctx, &imp, d.keep, d.n_keep + reply));
         self.recalling = None;
         tracing::debug!(
-            "seq {}: held-back compaction, {scored} reply tokens scored, {:.1} ms",
+            "seq {}: held-back compaction, {:.1} ms: {scored} reply tokens scored {:.1}, select and compact {:.1}",
             self.seq,
-            t.elapsed().as_secs_f64() * 1e3
+            t.elapsed().as_secs_f64() * 1e3,
+            (t_compact - t).as_secs_f64() * 1e3,
+            t_compact.elapsed().as_secs_f64() * 1e3
         );
         done.map(|_| true)
     }

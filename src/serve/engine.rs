@@ -236,6 +236,13 @@ impl Slot {
     fn free(&self) -> bool {
         self.work.is_none()
     }
+
+    /// Whether its reply is generating (its next token goes in the next batch).
+    fn streams(&self) -> bool {
+        self.work
+            .as_ref()
+            .is_some_and(|w| w.parked.is_none() && w.next.is_some())
+    }
 }
 
 /// Runs the engine until `jobs` closes or `stop` is set; `ready` gets the
@@ -292,7 +299,15 @@ pub fn run(
         while let Ok(j) = jobs.try_recv() {
             waiting.push_back(j);
         }
-        assign(model, &mut ctx, cfg, &mut slots, &mut waiting, &metrics);
+        assign(
+            model,
+            &mut ctx,
+            cfg,
+            &mut slots,
+            &mut waiting,
+            &metrics,
+            &mut sched,
+        );
         step(&mut ctx, cfg, &mut slots, &mut batch, &metrics, &mut sched);
         sched.tick = sched.tick.wrapping_add(1);
         // The per-slot gauges walk every cell: a few times a second is enough,
@@ -344,6 +359,7 @@ fn assign(
     slots: &mut [Slot],
     waiting: &mut VecDeque<Job>,
     metrics: &Metrics,
+    sched: &mut Schedule,
 ) {
     while let Some(job) = waiting.front() {
         if job.events.is_closed() {
@@ -369,11 +385,25 @@ fn assign(
         let Some(i) = reuse.or_else(lru) else {
             return;
         };
+        // A held-back compaction is a compression like any other: while
+        // replies stream it waits its turn (the job with it).
+        let unsettled = reuse.is_some()
+            && slots[i]
+                .compressor
+                .as_ref()
+                .is_some_and(Compressor::unsettled);
+        if unsettled && !sched.may_compress(slots.iter().any(Slot::streams)) {
+            return;
+        }
         let job = waiting.pop_front().expect("front exists");
         let slot = &mut slots[i];
         // The conversation goes on from its compacted cache; if that
         // compaction fails, the whole conversation is prefilled again.
+        let t0 = Instant::now();
         let settled = reuse.is_some() && settle(ctx, slot, metrics);
+        if unsettled {
+            sched.compressed(t0);
+        }
         if !settled {
             // A new conversation (or one whose held-back compaction failed):
             // the slot starts over.
@@ -662,8 +692,7 @@ fn step(
     batch.clear();
     let mut rows: Vec<(usize, i32)> = Vec::new();
     for (i, s) in slots.iter().enumerate() {
-        let streams = s.work.as_ref().filter(|w| w.parked.is_none());
-        if let Some(tok) = streams.and_then(|w| w.next) {
+        if let Some(tok) = s.work.as_ref().filter(|_| s.streams()).and_then(|w| w.next) {
             rows.push((i, batch.len() as i32));
             batch.push(tok, s.cursor.next_pos, s.seq, true);
         }
