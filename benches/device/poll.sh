@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Waits up to S seconds for the jobs, then copies what is done to $OUT.
+S="${S:-500}"; t=0
+while [ $t -lt "$S" ] && ! grep -q "all done" /root/w/jobs.log; do sleep 10; t=$((t+10)); done
+cat /root/w/jobs.log; tail -c 400 /root/w/build.log
+cd /root/w && tar czf "$OUT/out.tgz" out out-*.log jobs.log build.log 2>/dev/null; ls -la "$OUT"
+for d in out/*/; do cat "$d/table.md" 2>/dev/null | grep chunkkv; done
