@@ -73,6 +73,17 @@ fn answer(ctx: &mut Context<'_>, at: usize, n: usize) -> String {
     text
 }
 
+/// How many of the fact's positions each storage layer keeps.
+fn fact_kept(c: &Compressor, fact: &std::ops::Range<usize>) -> Vec<usize> {
+    let table = c.slot_table();
+    (0..table.n_layers())
+        .map(|l| {
+            let kept = table.positions(l, 0);
+            fact.clone().filter(|&p| kept.contains(&(p as i32))).count()
+        })
+        .collect()
+}
+
 /// The fact's tokens kept per layer after its question; `probe` reply
 /// tokens drafted, the `pin` positions the draft attends to most kept everywhere.
 fn run_recall_case(fa: FlashAttn, probe: usize, pin: usize, unify: bool) -> Vec<usize> {
@@ -97,11 +108,7 @@ fn run_recall_case(fa: FlashAttn, probe: usize, pin: usize, unify: bool) -> Vec<
     assert!(held > 0, "the evicted rows are kept");
     // The fact was evicted: most layers keep none of its tokens, or only some.
     let n_layers = ctx.kv_layers(KvPart::Base).len();
-    let fact_in = |c: &Compressor, l: usize| {
-        let kept = c.slot_table().positions(l, 0);
-        fact.clone().filter(|&p| kept.contains(&(p as i32))).count()
-    };
-    let before: Vec<usize> = (0..n_layers).map(|l| fact_in(&c, l)).collect();
+    let before = fact_kept(&c, &fact);
     assert!(
         before.iter().sum::<usize>() < n_layers * fact.len(),
         "the fact must be (partly) evicted at load time to test recall: {before:?}"
@@ -115,7 +122,7 @@ fn run_recall_case(fa: FlashAttn, probe: usize, pin: usize, unify: bool) -> Vec<
     assert!(r.uploaded > 0 && r.tokens > 0 && r.chunks > 0, "{r:?}");
     assert!(r.bytes_up > 0 && r.transient_cells as usize >= n_keep + r.uploaded);
     // The fact came back in layers where it was evicted, and the device holds the budget.
-    let back: Vec<usize> = (0..n_layers).map(|l| fact_in(&c, l)).collect();
+    let back = fact_kept(&c, &fact);
     eprintln!("fact tokens kept per layer: {before:?} before, {back:?} after the question");
     let used = ctx.seq_kv_stats(KvPart::Base, SEQ).unwrap().cells_used as usize;
     assert!(
@@ -237,13 +244,7 @@ fn run_deferred_case(scored_by_reply: bool) -> Vec<usize> {
         used(&ctx)
     );
     assert_eq!(ctx.seq_pos_max(SEQ), Some(end - 1 + in_cache as i32));
-    let n_layers = ctx.kv_layers(KvPart::Base).len();
-    let kept: Vec<usize> = (0..n_layers)
-        .map(|l| {
-            let kept = c.slot_table().positions(l, 0);
-            fact.clone().filter(|&p| kept.contains(&(p as i32))).count()
-        })
-        .collect();
+    let kept = fact_kept(&c, &fact);
     // The reply's tokens came back intact: the conversation goes on.
     let again = tok(
         model,

@@ -849,17 +849,13 @@ impl Compressor {
         let t = Instant::now();
         let reply = ctx.seq_pos_max(self.seq).map_or(0, |p| (p - d.last).max(0)) as usize;
         self.recalling = d.recalling;
-        let scored = d
-            .reply_scores
-            .as_ref()
-            .map_or(0, |r| r.reply.len().min(self.recall_probe));
         let scores = self.reply_scored(ctx, d.importance, d.reply_scores, d.last);
         let t_compact = Instant::now();
         let done =
             scores.and_then(|imp| self.select_and_compact(ctx, &imp, d.keep, d.n_keep + reply));
         self.recalling = None;
         tracing::debug!(
-            "seq {}: held-back compaction, {:.1} ms: {scored} reply tokens scored {:.1}, select and compact {:.1}",
+            "seq {}: held-back compaction after a reply of {reply} tokens, {:.1} ms: scoring {:.1}, select and compact {:.1}",
             self.seq,
             t.elapsed().as_secs_f64() * 1e3,
             (t_compact - t).as_secs_f64() * 1e3,
@@ -1579,14 +1575,15 @@ impl Compressor {
             .len()
             .min(self.recall_probe)
             .min(ctx.n_ubatch() as usize);
-        if k == 0 || in_cache != reply.len() {
-            if in_cache != reply.len() {
-                tracing::debug!(
-                    "seq {}: the cache holds {in_cache} reply tokens, not {}: scored without them",
-                    self.seq,
-                    reply.len()
-                );
-            }
+        if in_cache != reply.len() {
+            tracing::debug!(
+                "seq {}: the cache holds {in_cache} reply tokens, not {}: scored without them",
+                self.seq,
+                reply.len()
+            );
+            return Ok(None);
+        }
+        if k == 0 {
             return Ok(None);
         }
         // llama.cpp takes a sequence's positions only in order: the whole
