@@ -141,6 +141,10 @@ def conversation(args, i, doc, code, stats):
             "Name one idea from the document, briefly.",
             question,
         ]
+        if args.long_reply:
+            # A decode-bound middle turn: what a server's freed memory buys in
+            # tokens per second when replies are long.
+            turns[1] = "Explain one idea from the document in detail, in several paragraphs."
         if args.turns == 2:
             # The summary turn, then the question: the idea turn left out.
             turns = [turns[0], question]
@@ -148,7 +152,8 @@ def conversation(args, i, doc, code, stats):
     ttfts = []
     for k, turn in enumerate(turns):
         messages.append({"role": "user", "content": turn})
-        status, text, ttft, gaps, n, span = stream_chat(args.url, messages, args.max_tokens, extra, args.timeout)
+        max_tokens = args.long_reply if args.long_reply and k == 1 and args.turns == 3 else args.max_tokens
+        status, text, ttft, gaps, n, span = stream_chat(args.url, messages, max_tokens, extra, args.timeout)
         with stats.lock:
             if status != 200:
                 stats.refused[status] = stats.refused.get(status, 0) + 1
@@ -203,6 +208,12 @@ def main():
         help="document length in tokens (about 4 characters each), or a range LO-HI drawn per conversation",
     )
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument(
+        "--long-reply",
+        type=int,
+        default=0,
+        help="with 3 turns: the middle turn asks for a detailed answer of up to this many tokens",
+    )
     ap.add_argument(
         "--first", type=int, default=0, help="number of the first conversation (another set of documents)"
     )

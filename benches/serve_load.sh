@@ -11,7 +11,8 @@
 #   its recall over all N documents is the quality floor's reference), NONE=0 (skip the
 #   uncompressed server), TURNS=1 (the question right after the document, no
 #   earlier turns) or 2 (a summary turn, then the question), FIRST=20 (the number of the
-#   first conversation: another set of documents and facts)
+#   first conversation: another set of documents and facts), LONG=256 (with 3 turns, the
+#   middle turn asks for a detailed answer of up to 256 tokens: a decode-bound load)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: benches/serve_load.sh OUT_DIR}"
@@ -37,7 +38,7 @@ run() {
     sleep 0.5
   done
   python3 benches/serve_load.py --url "http://127.0.0.1:$port" --conversations "$n" \
-    --doc-tokens "$docs" --turns "${TURNS:-3}" --first "${FIRST:-0}" --label "$label" --json-out "$out/$slug.json" $header >> "$out/table.md"
+    --doc-tokens "$docs" --turns "${TURNS:-3}" --first "${FIRST:-0}" --long-reply "${LONG:-0}" --label "$label" --json-out "$out/$slug.json" $header >> "$out/table.md"
   header=""
   curl -s "http://127.0.0.1:$port/metrics" > "$out/$slug.metrics.txt"
   kill -TERM "$pid"
@@ -57,7 +58,7 @@ if [ "${QUEUED:-0}" = 1 ]; then
 fi
 {
   echo
-  echo "model $model, -c $ctx, $n conversations, documents of $docs tokens (conversations from ${FIRST:-0}), ${TURNS:-3} turns, extra flags: ${EXTRA:-none}, $(date -u +%F)"
+  echo "model $model, -c $ctx, $n conversations, documents of $docs tokens (conversations from ${FIRST:-0}), ${TURNS:-3} turns, long reply ${LONG:-0}, extra flags: ${EXTRA:-none}, $(date -u +%F)"
   echo "commit ${CHUNKKV_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs"
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name --format=csv,noheader | sed 's/^/GPU: /' | sort | uniq -c
 } >> "$out/table.md"
