@@ -8,9 +8,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 
 use chunkkv::chat::ChatSession;
-use chunkkv::compress::{Budget, ChunkKv, Compressor, RecallStore};
+use chunkkv::compress::{Budget, ChunkKv, Compressor, Keep, RecallStore, Scorer};
 use chunkkv::llama::{
-    Backend, Context, ContextParams, FlashAttn, KvPart, Model, ModelParams, Sampler,
+    Backend, Context, ContextParams, FlashAttn, KvPart, Model, ModelParams, Pos, Sampler,
     SamplingParams, ScoreReduce, Token,
 };
 use chunkkv::pipeline::{self, SEQ};
@@ -541,4 +541,85 @@ fn an_unwritable_recall_dir_is_a_clear_error() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// The fact's document, compressed with `cells` held rows ranked per pass,
+/// then asked about; `ahead`: the turn's ranking runs first, one pass per
+/// call (as a server runs it between other slots' steps), after one pass
+/// for another question that must not count. Returns what every layer
+/// keeps, the passes (the calls that ran one), and the recalled tokens.
+fn run_ranked_turn(ahead: bool) -> (Vec<Vec<i32>>, usize, usize, usize) {
+    let model = qwen();
+    let mut ctx = ctx(model, 4096, FlashAttn::On);
+    let (doc, _) = document(model);
+    let n = doc.len();
+    let store = RecallStore::new(&ctx, SEQ, None).unwrap();
+    let mut c = chunkkv(&ctx)
+        .with_recall(store)
+        .unwrap()
+        .with_recall_cells(200)
+        .with_recall_unify(true);
+    let n_keep = Budget::Ratio(0.1).cells_for(n);
+    c.prefill(&mut ctx, &doc, 0, n_keep, serde_json::json!(0.1))
+        .unwrap();
+    let ask = tok(model, QUESTION, false);
+    let mut steps = 0;
+    if ahead {
+        let other = tok(
+            model,
+            "<|im_end|>\n<|im_start|>user\nWho wrote this text?<|im_end|>\n<|im_start|>assistant\n",
+            false,
+        );
+        assert!(
+            c.rank_step(&mut ctx, &other).unwrap(),
+            "another turn's pass"
+        );
+        while c.rank_step(&mut ctx, &ask).unwrap() {
+            steps += 1;
+            assert!(steps < 100, "the ranking ends");
+        }
+        // Passes leave the cache as they found it.
+        assert_eq!(ctx.seq_pos_max(SEQ), Some(n as i32 - 1));
+    }
+    let keep = Keep {
+        from: Pos::MAX,
+        history: true,
+        short: true,
+        recall: true,
+    };
+    c.prefill_turn(
+        &mut ctx,
+        &ask,
+        n as i32,
+        n_keep,
+        keep,
+        Scorer::Window,
+        serde_json::json!(0.1),
+    )
+    .unwrap();
+    let r = c.last_recall().expect("the question recalled");
+    let table = c.slot_table();
+    let kept = (0..table.n_layers())
+        .map(|l| table.positions(l, 0).to_vec())
+        .collect();
+    (kept, steps, r.rank.passes, r.tokens)
+}
+
+#[test]
+fn a_turn_ranked_ahead_pass_by_pass_keeps_what_it_keeps_ranked_at_once() {
+    let (at_once, _, passes, recalled) = run_ranked_turn(false);
+    assert!(
+        passes > 2,
+        "held rows are ranked in several passes: {passes}"
+    );
+    assert!(recalled > 0, "the turn brings rows back");
+    let (ahead, steps, passes_ahead, recalled_ahead) = run_ranked_turn(true);
+    // The other question's pass was dropped, the turn ran no pass of its own.
+    assert_eq!(steps, passes, "one pass per call");
+    assert_eq!(
+        passes_ahead, passes,
+        "the other question's pass is not the turn's"
+    );
+    assert_eq!(recalled_ahead, recalled);
+    assert_eq!(ahead, at_once, "the same cells kept in every layer");
 }

@@ -469,6 +469,10 @@ fn a_slot_with_recall_brings_an_evicted_fact_back_for_the_question() {
                 "host",
                 "--kv-compact-after-reply",
                 after_reply,
+                // Fewer cells per pass than the slot holds rows: the
+                // question's ranking runs ahead in several engine steps.
+                "--kv-recall-cells",
+                "256",
             ],
         );
         // One request with the whole conversation; the reply's text.
@@ -490,7 +494,7 @@ fn a_slot_with_recall_brings_an_evicted_fact_back_for_the_question() {
             "role": "user",
             "content": "What is the secret code of the blue lighthouse? Answer with the code."
         }));
-        let answer = ask(&messages, 12);
+        let answer = ask(&messages, 16);
         let after_answer = used();
         assert!(
             answer.to_string().contains("7319"),
@@ -502,7 +506,11 @@ fn a_slot_with_recall_brings_an_evicted_fact_back_for_the_question() {
         ask(&messages, 4);
         cells.push(after_answer);
         // The slot keeps its evicted rows and the question brought some back.
-        for name in ["chunkkv_recall_bytes_held", "chunkkv_recalled_tokens_total"] {
+        for name in [
+            "chunkkv_recall_bytes_held",
+            "chunkkv_recalled_tokens_total",
+            "chunkkv_rank_passes_total",
+        ] {
             assert!(metric(&server, name) > 0.0, "{name}\n{}", server.log());
         }
     }

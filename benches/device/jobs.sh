@@ -18,13 +18,16 @@ go() {
   echo "$(date -u +%T) done $name rc $?"
 }
 mkdir -p /root/w/out
+cells="-v --kv-recall host -ngl 99 -fa on --kv-recall-cells 2048"
 go new-t3-a chunkkv "$new"
-go old-t3-a chunkkv-old "$old"
+go cells-t3-a chunkkv "$new" EXTRA="$cells"
 go long-new chunkkv "$new" LONG=256
 go long-none chunkkv "$new" LONG=256 NONE=1 NP_FULL=4 BUDGETS=" " EXTRA="-ngl 99 -fa on"
+go cells-t3-b chunkkv "$new" FIRST=20 EXTRA="$cells"
 go new-t3-b chunkkv "$new" FIRST=20
-go old-t3-b chunkkv-old "$old" FIRST=20
+go old-t3-a chunkkv-old "$old"
+go cells-t1-a chunkkv "$new" TURNS=1 EXTRA="$cells"
 go new-t1-a chunkkv "$new" TURNS=1
+go old-t3-b chunkkv-old "$old" FIRST=20
 go ref-t3-a chunkkv "$new" NONE=0 NP_FULL=4 BUDGETS=" " QUEUED=1 EXTRA="-ngl 99 -fa on"
-go long-old chunkkv-old "$old" LONG=256
 echo "$(date -u +%T) all done"

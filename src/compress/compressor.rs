@@ -136,6 +136,8 @@ pub struct Compressor {
     rank_bytes: u64,
     /// Where the ranking passes of the turn in progress spent their time.
     rank_ms: RankMs,
+    /// The next turn's ranking, when it runs ahead pass by pass.
+    ranking: Option<Ranking>,
     /// Tokens (per layer, summed over turns) recall brought back.
     recalled_total: u64,
     /// Most cells one turn writes back at once (`--kv-recall-cells`).
@@ -154,6 +156,74 @@ struct Recalling {
     /// Positions written back, per storage layer (every head holds the same).
     positions: Vec<Vec<Pos>>,
     stats: RecallTurn,
+}
+
+/// The held rows of a turn about to recall, ranked ahead of it one pass at
+/// a time ([`Compressor::rank_step`]): a server runs the other slots' steps
+/// between passes, so ranking thousands of rows never holds them up for
+/// longer than one pass.
+#[derive(Debug)]
+struct Ranking {
+    /// The turn it ranks for: its scoring window, its token count, where
+    /// the cache ended, and how many rows the store held then.
+    window: Vec<Token>,
+    incoming: usize,
+    end: usize,
+    held: usize,
+    /// Held rows not on the device, per storage layer, sorted by position;
+    /// the first `next` of each carry the window's scores.
+    avail: Vec<Vec<(Pos, f32)>>,
+    next: usize,
+    /// Rows every layer holds (the shortest layer's count): the ranked ones.
+    total: usize,
+    /// Every row has its score (or none could be ranked).
+    finished: bool,
+    /// Milliseconds spent so far.
+    ms: f64,
+}
+
+impl Ranking {
+    fn new(
+        window: &[Token],
+        incoming: usize,
+        end: usize,
+        held: usize,
+        mut avail: Vec<Vec<(Pos, f32)>>,
+    ) -> Self {
+        for a in avail.iter_mut() {
+            a.sort_unstable_by_key(|&(p, _)| p);
+        }
+        let total = avail.iter().map(Vec::len).min().unwrap_or(0);
+        Ranking {
+            window: window.to_vec(),
+            incoming,
+            end,
+            held,
+            avail,
+            next: 0,
+            total,
+            finished: false,
+            ms: 0.0,
+        }
+    }
+
+    fn is_for(&self, window: &[Token], incoming: usize, end: usize, held: usize) -> bool {
+        self.window == window && self.incoming == incoming && self.end == end && self.held == held
+    }
+}
+
+/// What a recalling turn could bring back ([`Compressor::held_rows`]).
+struct Held {
+    /// Each cell's position in the sequence's stream now.
+    meta: Vec<Option<Pos>>,
+    /// Cells up to the last one in use.
+    end: usize,
+    /// Held rows not on the device, per storage layer, with their scores.
+    avail: Vec<Vec<(Pos, f32)>>,
+    /// How many the free cells take.
+    n: usize,
+    /// Rows the store holds (of storage layer 0, KV head 0).
+    count: usize,
 }
 
 /// A recalling turn's compaction, held back until its reply is in
@@ -337,6 +407,7 @@ impl Compressor {
             recall_warning: None,
             rank_bytes: 0,
             rank_ms: RankMs::default(),
+            ranking: None,
             recalled_total: 0,
             recall_cells: usize::MAX,
             recall_probe: 0,
@@ -463,10 +534,97 @@ impl Compressor {
     pub fn rollback(&mut self, mark: &CompressorMark) -> Result<(), CompressError> {
         self.slots = mark.slots.clone();
         self.recalling = None;
+        self.ranking = None;
         if let (Some(store), Some(m)) = (self.recall.as_mut(), mark.store.as_ref()) {
             store.rollback(m)?;
         }
         Ok(())
+    }
+
+    /// What a turn of `incoming` tokens could bring back now, or `None`
+    /// when recall is off or nothing is held.
+    fn held_rows(&self, ctx: &Context<'_>, incoming: usize) -> Option<Held> {
+        if !self.recall_on() || self.slots.n_slots() == 0 || !ctx.dead_slots().is_empty() {
+            return None;
+        }
+        let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
+        let end = meta.iter().rposition(Option::is_some).map_or(0, |c| c + 1);
+        // The turn's tokens and its drafted reply need cells after the rows
+        // (and its reply, when that comes before the compaction).
+        let reply = self.reply_room.unwrap_or(0);
+        let room = meta
+            .len()
+            .saturating_sub(end + incoming + self.recall_probe.max(reply) + 1)
+            .min(self.recall_cells);
+        let store = self.recall.as_ref()?;
+        // Per layer: held positions not in the cache now, with their scores.
+        let avail: Vec<Vec<(Pos, f32)>> = (0..self.layers.len())
+            .map(|l| {
+                let on_device: std::collections::HashSet<Pos> = (0..end)
+                    .filter_map(|c| self.slots.position(l, 0, c, &meta))
+                    .collect();
+                store
+                    .entries(l, 0)
+                    .filter(|(p, _)| !on_device.contains(p))
+                    .collect()
+            })
+            .collect();
+        let n = avail.iter().map(Vec::len).min().unwrap_or(0).min(room);
+        if n == 0 {
+            return None;
+        }
+        let count = store.entries(0, 0).count();
+        Some(Held {
+            meta,
+            end,
+            avail,
+            n,
+            count,
+        })
+    }
+
+    /// One ranking pass for the turn that `tokens` will be (as
+    /// [`Compressor::prefill_turn`] takes them), ahead of it; returns whether
+    /// it ran one. A server calls it once per step until it returns false,
+    /// then the turn: the turn's own ranking starts where these left off,
+    /// so other slots run between passes instead of waiting for them all.
+    pub fn rank_step(
+        &mut self,
+        ctx: &mut Context<'_>,
+        tokens: &[Token],
+    ) -> Result<bool, CompressError> {
+        let w = self.window.min(tokens.len());
+        let window = &tokens[tokens.len() - w..];
+        let held = match self.held_rows(ctx, tokens.len()) {
+            Some(h) if !window.is_empty() && !self.policy.needs_reconstruction() => h,
+            _ => {
+                self.ranking = None;
+                return Ok(false);
+            }
+        };
+        if !held.avail.iter().any(|a| a.len() > held.n) {
+            self.ranking = None;
+            return Ok(false);
+        }
+        let mut r = match self.ranking.take() {
+            Some(r) if r.is_for(window, tokens.len(), held.end, held.count) => r,
+            _ => {
+                self.rank_bytes = 0;
+                self.rank_ms = RankMs::default();
+                Ranking::new(window, tokens.len(), held.end, held.count, held.avail)
+            }
+        };
+        match self.recall_rank(ctx, &mut r, &held.meta, 1) {
+            Ok(passes) => {
+                self.ranking = Some(r);
+                Ok(passes > 0)
+            }
+            Err(CompressError::Recall(e)) => {
+                self.drop_recall(&e);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes evicted rows back into free cells after everything `seq`
@@ -481,48 +639,38 @@ impl Compressor {
         window: &[Token],
     ) -> Result<bool, CompressError> {
         self.recalling = None;
-        self.rank_bytes = 0;
-        self.rank_ms = RankMs::default();
-        if !self.recall_on() || self.slots.n_slots() == 0 || !ctx.dead_slots().is_empty() {
-            return Ok(false);
-        }
         let t = Instant::now();
-        let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
-        let end = meta.iter().rposition(Option::is_some).map_or(0, |c| c + 1);
-        // The turn's tokens and its drafted reply need cells after the rows
-        // (and its reply, when that comes before the compaction).
-        let reply = self.reply_room.unwrap_or(0);
-        let room = meta
-            .len()
-            .saturating_sub(end + incoming + self.recall_probe.max(reply) + 1)
-            .min(self.recall_cells);
-        let Some(store) = self.recall.as_ref() else {
+        let Some(Held {
+            meta,
+            end,
+            mut avail,
+            n,
+            count,
+        }) = self.held_rows(ctx, incoming)
+        else {
+            self.ranking = None;
             return Ok(false);
         };
-        let n_layers = self.layers.len();
-        // Per layer: held positions not in the cache now, with their scores.
-        let mut avail: Vec<Vec<(Pos, f32)>> = Vec::with_capacity(n_layers);
-        for l in 0..n_layers {
-            let on_device: std::collections::HashSet<Pos> = (0..end)
-                .filter_map(|c| self.slots.position(l, 0, c, &meta))
-                .collect();
-            avail.push(
-                store
-                    .entries(l, 0)
-                    .filter(|(p, _)| !on_device.contains(p))
-                    .collect(),
-            );
-        }
-        let n = avail.iter().map(Vec::len).min().unwrap_or(0).min(room);
-        if n == 0 {
-            return Ok(false);
+        // A ranking that ran ahead for this turn is taken up where it is.
+        let ahead = self
+            .ranking
+            .take()
+            .filter(|r| r.is_for(window, incoming, end, count));
+        if ahead.is_none() {
+            self.rank_bytes = 0;
+            self.rank_ms = RankMs::default();
         }
         let t_rank = Instant::now();
+        let mut ranked_before = 0.0;
         // More held than the free cells take: the window ranks them first.
         let ranked = avail.iter().any(|a| a.len() > n) && !window.is_empty();
         if ranked {
-            let rank = self.recall_rank(ctx, &mut avail, &meta, end, window);
-            if let Err(e) = rank {
+            let mut r = match ahead {
+                Some(r) => r,
+                None => Ranking::new(window, incoming, end, count, avail),
+            };
+            ranked_before = r.ms;
+            if let Err(e) = self.recall_rank(ctx, &mut r, &meta, usize::MAX) {
                 return match e {
                     CompressError::Recall(e) => {
                         self.drop_recall(&e);
@@ -531,8 +679,9 @@ impl Compressor {
                     e => Err(e),
                 };
             }
+            avail = r.avail;
         }
-        let rank_ms = t_rank.elapsed().as_secs_f64() * 1e3;
+        let rank_ms = ranked_before + t_rank.elapsed().as_secs_f64() * 1e3;
         if self.recall_unify {
             let best = best_by_position(avail.iter().flatten().copied());
             for e in avail.iter_mut().flatten() {
@@ -589,7 +738,7 @@ impl Compressor {
             self.drop_recall(&RecallError::Rows(e));
             return Ok(false);
         }
-        let mut table: Vec<Vec<Vec<Pos>>> = Vec::with_capacity(n_layers);
+        let mut table: Vec<Vec<Vec<Pos>>> = Vec::with_capacity(picks.len());
         for (l, p) in picks.iter().enumerate() {
             let mut heads = Vec::with_capacity(self.heads[l]);
             for h in 0..self.heads[l] {
@@ -619,25 +768,32 @@ impl Compressor {
     }
 
     /// Rescores held rows that the free cells cannot all take: batch by
-    /// batch they are written after the cache, `window` is decoded over them
-    /// with importance on, then both are removed again. Each `avail` entry's
-    /// score becomes the window's attention to it (summed over KV heads;
-    /// every pass shares the kept cells, which anchors the scales).
+    /// batch they are written after the cache, the ranking's window is
+    /// decoded over them with importance on, then both are removed again.
+    /// Each row's score becomes the window's attention to it (summed over
+    /// KV heads; every pass shares the kept cells, which anchors the
+    /// scales). Runs at most `max_passes` passes from where `r` stands and
+    /// returns how many ran.
     fn recall_rank(
         &mut self,
         ctx: &mut Context<'_>,
-        avail: &mut [Vec<(Pos, f32)>],
+        r: &mut Ranking,
         meta: &[Option<Pos>],
-        end: usize,
-        window: &[Token],
-    ) -> Result<(), CompressError> {
-        let w = window.len();
+        max_passes: usize,
+    ) -> Result<usize, CompressError> {
+        let t0 = Instant::now();
+        let (w, end) = (r.window.len(), r.end);
         let batch = meta
             .len()
             .saturating_sub(end + w + 1)
             .min(self.recall_cells);
+        if r.finished {
+            return Ok(0);
+        }
         if batch == 0 || w > ctx.n_ubatch() as usize {
-            return Ok(());
+            // Nothing can be ranked: the scores at eviction stand.
+            r.finished = true;
+            return Ok(0);
         }
         let at = ctx.seq_pos_max(self.seq).map_or(0, |p| p + 1);
         let table = self.slots.clone();
@@ -647,14 +803,12 @@ impl Compressor {
                 group_of[l] = g;
             }
         }
-        for a in avail.iter_mut() {
-            a.sort_unstable_by_key(|&(p, _)| p);
-        }
-        let total = avail.iter().map(Vec::len).min().unwrap_or(0);
-        let mut i = 0;
-        while i < total {
-            let b = batch.min(total - i);
-            let part: Vec<Vec<Vec<Pos>>> = avail
+        let mut passes = 0;
+        while r.next < r.total && passes < max_passes {
+            let i = r.next;
+            let b = batch.min(r.total - i);
+            let part: Vec<Vec<Vec<Pos>>> = r
+                .avail
                 .iter()
                 .enumerate()
                 .map(|(l, a)| vec![a[i..i + b].iter().map(|&(p, _)| p).collect(); self.heads[l]])
@@ -691,7 +845,7 @@ impl Compressor {
             // Only the window ranks: a drafted reply per batch would cost its
             // length in decodes per batch (the turn's own scoring drafts once).
             let t_dec = Instant::now();
-            let decoded = ctx.decode_tokens(window, at, self.seq, false);
+            let decoded = ctx.decode_tokens(&r.window, at, self.seq, false);
             ctx.importance_end();
             self.rank_ms.decode += t_dec.elapsed().as_secs_f64() * 1e3;
             // The window and the batch leave again whatever happened.
@@ -712,7 +866,7 @@ impl Compressor {
             // the attention the kept cells got in the same pass does not
             // depend on what else the batch held (the softmax's normalizer
             // cancels), so rows of different passes compare.
-            for (l, a) in avail.iter_mut().enumerate() {
+            for (l, a) in r.avail.iter_mut().enumerate() {
                 let imp = &scores[group_of[l]];
                 let kept: Vec<f32> = imp
                     .heads()
@@ -722,17 +876,22 @@ impl Compressor {
                     entry.1 = imp.heads().zip(&kept).map(|(s, m)| s[end + k] / m).sum();
                 }
             }
-            i += b;
+            r.next += b;
+            passes += 1;
         }
-        // A layer holding more rows than the shortest has its last ones
-        // unranked: their scores at eviction are on another scale, so they
-        // come back only behind every ranked row.
-        for a in avail.iter_mut() {
-            for entry in a.iter_mut().skip(total) {
-                entry.1 = 0.0;
+        if r.next >= r.total {
+            // A layer holding more rows than the shortest has its last ones
+            // unranked: their scores at eviction are on another scale, so they
+            // come back only behind every ranked row.
+            for a in r.avail.iter_mut() {
+                for entry in a.iter_mut().skip(r.total) {
+                    entry.1 = 0.0;
+                }
             }
+            r.finished = true;
         }
-        Ok(())
+        r.ms += t0.elapsed().as_secs_f64() * 1e3;
+        Ok(passes)
     }
 
     /// Closes the turn's recall after its compaction: what came back.

@@ -828,6 +828,12 @@ fn step(
             unpark_all(slots);
             return;
         }
+        // A recalling turn first ranks its held rows, one pass per step.
+        if rank_ahead(ctx, &mut slots[i], metrics, cfg.compact_after_reply) {
+            metrics.engine_time(EngineWork::Turn, t0);
+            sched.compressed(t0);
+            return;
+        }
         let compresses = slots[i].work.as_ref().is_some_and(|w| w.budget.is_some());
         // Another turn waits too (or will within a step): this reply waits
         // for it, to start with it.
@@ -1005,6 +1011,43 @@ fn compress_window(
     s.cursor.next_pos += tail.len() as Pos;
     s.cursor.prefilled += tail.len();
     sample(ctx, s, -1, metrics);
+}
+
+/// One ranking pass of the held rows a compressed turn may bring back
+/// ([`Compressor::rank_step`]); returns whether the step was spent on it
+/// (or on failing the slot). A 32k-token document holds thousands of rows
+/// and each pass decodes the turn's window: run all at once they would
+/// hold every other slot up for the sum.
+fn rank_ahead(
+    ctx: &mut Context<'_>,
+    s: &mut Slot,
+    metrics: &Metrics,
+    compact_after_reply: bool,
+) -> bool {
+    let Some(w) = s.work.as_ref() else {
+        return false;
+    };
+    let Some(c) = s
+        .compressor
+        .as_mut()
+        .filter(|_| w.budget.is_some() && !w.reconstruct)
+    else {
+        return false;
+    };
+    if compact_after_reply {
+        // The same room for the reply as the turn will leave.
+        c.defer_compaction(w.job.max_tokens);
+    }
+    match c.rank_step(ctx, &w.pending[w.done..]) {
+        Ok(ran) => {
+            metrics.rank_passes.fetch_add(ran as u64, Ordering::Relaxed);
+            ran
+        }
+        Err(e) => {
+            fail(ctx, s, ApiError::server(e.to_string()));
+            true
+        }
+    }
 }
 
 /// A chunked prompt's slot is full: its next `w` tokens are decoded with

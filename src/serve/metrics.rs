@@ -53,6 +53,8 @@ pub struct Metrics {
     pub recalled: AtomicU64,
     /// Replies that waited for other turns, to start with them (`--batch-replies`).
     pub batched: AtomicU64,
+    /// Ranking passes a turn ran ahead, one engine step each.
+    pub rank_passes: AtomicU64,
     /// Nanoseconds of engine time per [`EngineWork`].
     engine_ns: [AtomicU64; 4],
 }
@@ -116,6 +118,11 @@ impl Metrics {
             "chunkkv_recalled_tokens_total",
             "Evicted tokens (per layer) that recall brought back into a slot's cache.",
             self.recalled.load(Ordering::Relaxed),
+        );
+        counter(
+            "chunkkv_rank_passes_total",
+            "Passes ranking a turn's held rows, each in an engine step of its own between other slots' work.",
+            self.rank_passes.load(Ordering::Relaxed),
         );
         counter(
             "chunkkv_replies_batched_total",
