@@ -20,14 +20,14 @@ go() {
 mkdir -p /root/w/out
 cells="-v --kv-recall host -ngl 99 -fa on --kv-recall-cells 2048"
 go new-t3-a chunkkv "$new"
-go cells-t3-a chunkkv "$new" EXTRA="$cells"
+go old-t3-a chunkkv-old "$old"
 go long-new chunkkv "$new" LONG=256
 go long-none chunkkv "$new" LONG=256 NONE=1 NP_FULL=4 BUDGETS=" " EXTRA="-ngl 99 -fa on"
-go cells-t3-b chunkkv "$new" FIRST=20 EXTRA="$cells"
+go cells-t3-a chunkkv "$new" EXTRA="$cells"
 go new-t3-b chunkkv "$new" FIRST=20
-go old-t3-a chunkkv-old "$old"
-go cells-t1-a chunkkv "$new" TURNS=1 EXTRA="$cells"
-go new-t1-a chunkkv "$new" TURNS=1
 go old-t3-b chunkkv-old "$old" FIRST=20
+go cells-t3-b chunkkv "$new" FIRST=20 EXTRA="$cells"
+go long-old chunkkv-old "$old" LONG=256
+go new-t1-a chunkkv "$new" TURNS=1
 go ref-t3-a chunkkv "$new" NONE=0 NP_FULL=4 BUDGETS=" " QUEUED=1 EXTRA="-ngl 99 -fa on"
 echo "$(date -u +%T) all done"
