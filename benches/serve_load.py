@@ -288,6 +288,10 @@ def main():
         "ttft_p99_s": percentile(stats.ttft, 99),
         "token_p50_ms": percentile(stats.gaps, 50) * 1e3,
         "token_p99_ms": percentile(stats.gaps, 99) * 1e3,
+        # The longest stall a streaming reply saw, and how many gaps passed
+        # half a second (p99 hides a few long stalls among many short ones).
+        "token_max_ms": max(stats.gaps, default=float("nan")) * 1e3,
+        "gaps_over_500ms": sum(g > 0.5 for g in stats.gaps),
         "peak_slot_cells": peak["cells"],
         "answers": stats.answers,
         "doc_tokens": args.doc_tokens,

@@ -756,7 +756,7 @@ impl Compressor {
             stats: RecallTurn {
                 uploaded: n,
                 bytes_up: bytes_up + self.rank_bytes,
-                ms: t.elapsed().as_secs_f64() * 1e3,
+                ms: ranked_before + t.elapsed().as_secs_f64() * 1e3,
                 rank_ms,
                 rank: self.rank_ms,
                 ..RecallTurn::default()
