@@ -595,26 +595,32 @@ impl Compressor {
     ) -> Result<bool, CompressError> {
         let w = self.window.min(tokens.len());
         let window = &tokens[tokens.len() - w..];
-        let held = match self.held_rows(ctx, tokens.len()) {
-            Some(h) if !window.is_empty() && !self.policy.needs_reconstruction() => h,
-            _ => {
-                self.ranking = None;
-                return Ok(false);
-            }
-        };
-        if !held.avail.iter().any(|a| a.len() > held.n) {
-            self.ranking = None;
-            return Ok(false);
-        }
-        let mut r = match self.ranking.take() {
-            Some(r) if r.is_for(window, tokens.len(), held.end, held.count) => r,
-            _ => {
+        // A ranking under way for this turn goes on without listing the
+        // held rows again (each listing walks every layer's rows).
+        let resumed = self.ranking.take().and_then(|r| {
+            let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
+            let end = meta.iter().rposition(Option::is_some).map_or(0, |c| c + 1);
+            let count = self.recall.as_ref().map_or(0, |s| s.entries(0, 0).count());
+            r.is_for(window, tokens.len(), end, count)
+                .then_some((r, meta))
+        });
+        let (mut r, meta) = match resumed {
+            Some(going) => going,
+            None => {
+                let held = match self.held_rows(ctx, tokens.len()) {
+                    Some(h) if !window.is_empty() && !self.policy.needs_reconstruction() => h,
+                    _ => return Ok(false),
+                };
+                if !held.avail.iter().any(|a| a.len() > held.n) {
+                    return Ok(false);
+                }
                 self.rank_bytes = 0;
                 self.rank_ms = RankMs::default();
-                Ranking::new(window, tokens.len(), held.end, held.count, held.avail)
+                let r = Ranking::new(window, tokens.len(), held.end, held.count, held.avail);
+                (r, held.meta)
             }
         };
-        match self.recall_rank(ctx, &mut r, &held.meta, 1) {
+        match self.recall_rank(ctx, &mut r, &meta, 1) {
             Ok(passes) => {
                 self.ranking = Some(r);
                 Ok(passes > 0)
