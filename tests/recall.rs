@@ -42,6 +42,21 @@ fn chunkkv(ctx: &Context<'_>) -> Compressor {
     Compressor::new(ctx, Box::new(shape), window, 2).expect("compressor")
 }
 
+/// ChunkKV with its evicted rows kept in host memory.
+fn recalling(ctx: &Context<'_>) -> Compressor {
+    let store = RecallStore::new(ctx, SEQ, None).unwrap();
+    chunkkv(ctx).with_recall(store).unwrap()
+}
+
+/// The document compressed to 10% before its question exists (its own end
+/// scores it); returns the budget in cells.
+fn load_document(ctx: &mut Context<'_>, c: &mut Compressor, doc: &[Token]) -> usize {
+    let n_keep = Budget::Ratio(0.1).cells_for(doc.len());
+    c.prefill(ctx, doc, 0, n_keep, serde_json::json!(0.1))
+        .unwrap();
+    n_keep
+}
+
 fn tok(model: &Model, text: &str, bos: bool) -> Vec<Token> {
     model.tokenize(text, bos, true).expect("tokenize")
 }
@@ -205,16 +220,11 @@ fn run_deferred_case(scored_by_reply: bool) -> Vec<usize> {
     let mut ctx = ctx(model, 4096, FlashAttn::On);
     let (doc, fact) = document(model);
     let n = doc.len();
-    let store = RecallStore::new(&ctx, SEQ, None).unwrap();
-    let mut c = chunkkv(&ctx)
-        .with_recall(store)
-        .unwrap()
+    let mut c = recalling(&ctx)
         .with_recall_probe(8)
         .with_recall_pin(16)
         .with_recall_unify(false);
-    let n_keep = Budget::Ratio(0.1).cells_for(n);
-    c.prefill(&mut ctx, &doc, 0, n_keep, serde_json::json!(0.1))
-        .unwrap();
+    let n_keep = load_document(&mut ctx, &mut c, &doc);
     let ask = tok(model, QUESTION, false);
     let end = (n + ask.len()) as i32;
     c.defer_compaction(16);
@@ -553,15 +563,10 @@ fn run_ranked_turn(ahead: bool) -> (Vec<Vec<i32>>, usize, usize, usize) {
     let mut ctx = ctx(model, 4096, FlashAttn::On);
     let (doc, _) = document(model);
     let n = doc.len();
-    let store = RecallStore::new(&ctx, SEQ, None).unwrap();
-    let mut c = chunkkv(&ctx)
-        .with_recall(store)
-        .unwrap()
+    let mut c = recalling(&ctx)
         .with_recall_cells(200)
         .with_recall_unify(true);
-    let n_keep = Budget::Ratio(0.1).cells_for(n);
-    c.prefill(&mut ctx, &doc, 0, n_keep, serde_json::json!(0.1))
-        .unwrap();
+    let n_keep = load_document(&mut ctx, &mut c, &doc);
     let ask = tok(model, QUESTION, false);
     let mut steps = 0;
     if ahead {

@@ -541,14 +541,26 @@ impl Compressor {
         Ok(())
     }
 
+    /// Each cell's position in the sequence's stream, and the cells up to
+    /// the last one in use.
+    fn cells_now(&self, ctx: &Context<'_>) -> (Vec<Option<Pos>>, usize) {
+        let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
+        let end = meta.iter().rposition(Option::is_some).map_or(0, |c| c + 1);
+        (meta, end)
+    }
+
+    /// Rows the recall store holds (of storage layer 0, KV head 0).
+    fn held_count(&self) -> usize {
+        self.recall.as_ref().map_or(0, |s| s.entries(0, 0).count())
+    }
+
     /// What a turn of `incoming` tokens could bring back now, or `None`
     /// when recall is off or nothing is held.
     fn held_rows(&self, ctx: &Context<'_>, incoming: usize) -> Option<Held> {
         if !self.recall_on() || self.slots.n_slots() == 0 || !ctx.dead_slots().is_empty() {
             return None;
         }
-        let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
-        let end = meta.iter().rposition(Option::is_some).map_or(0, |c| c + 1);
+        let (meta, end) = self.cells_now(ctx);
         // The turn's tokens and its drafted reply need cells after the rows
         // (and its reply, when that comes before the compaction).
         let reply = self.reply_room.unwrap_or(0);
@@ -573,7 +585,7 @@ impl Compressor {
         if n == 0 {
             return None;
         }
-        let count = store.entries(0, 0).count();
+        let count = self.held_count();
         Some(Held {
             meta,
             end,
@@ -598,10 +610,8 @@ impl Compressor {
         // A ranking under way for this turn goes on without listing the
         // held rows again (each listing walks every layer's rows).
         let resumed = self.ranking.take().and_then(|r| {
-            let meta = ctx.kv_cell_positions(KvPart::Base, self.seq);
-            let end = meta.iter().rposition(Option::is_some).map_or(0, |c| c + 1);
-            let count = self.recall.as_ref().map_or(0, |s| s.entries(0, 0).count());
-            r.is_for(window, tokens.len(), end, count)
+            let (meta, end) = self.cells_now(ctx);
+            r.is_for(window, tokens.len(), end, self.held_count())
                 .then_some((r, meta))
         });
         let (mut r, meta) = match resumed {
@@ -787,15 +797,15 @@ impl Compressor {
         meta: &[Option<Pos>],
         max_passes: usize,
     ) -> Result<usize, CompressError> {
+        if r.finished {
+            return Ok(0);
+        }
         let t0 = Instant::now();
         let (w, end) = (r.window.len(), r.end);
         let batch = meta
             .len()
             .saturating_sub(end + w + 1)
             .min(self.recall_cells);
-        if r.finished {
-            return Ok(0);
-        }
         if batch == 0 || w > ctx.n_ubatch() as usize {
             // Nothing can be ranked: the scores at eviction stand.
             r.finished = true;
