@@ -150,8 +150,14 @@ def conversation(args, i, doc, code, stats):
             turns = [turns[0], question]
     messages = []
     ttfts = []
+    earlier = args.replay.get(i) if args.replay else None
     for k, turn in enumerate(turns):
         messages.append({"role": "user", "content": turn})
+        if earlier is not None and k < len(turns) - 1:
+            # Replay: an earlier run's reply stands in for this turn, and only
+            # the last turn is sent (the whole history as one prompt).
+            messages.append({"role": "assistant", "content": earlier[k]})
+            continue
         max_tokens = args.long_reply if args.long_reply and k == 1 and args.turns == 3 else args.max_tokens
         status, text, ttft, gaps, n, span = stream_chat(args.url, messages, max_tokens, extra, args.timeout)
         with stats.lock:
@@ -172,7 +178,7 @@ def conversation(args, i, doc, code, stats):
         stats.served += 1
         ok = code in text
         stats.recalled += ok
-        replies = [m["content"][:200] for m in messages if m["role"] == "assistant"]
+        replies = [m["content"] for m in messages if m["role"] == "assistant"]
         stats.answers.append(
             {"conversation": i, "code": code, "answer": text[:80], "recalled": ok, "replies": replies, "ttft_s": ttfts}
         )
@@ -225,6 +231,12 @@ def main():
         help="3: document, a summary, an idea, then the question; 2: without the idea; "
         "1: the question right after the document",
     )
+    ap.add_argument(
+        "--replay",
+        metavar="JSON",
+        help="an earlier run's --json-out: its replies to the earlier turns stand in for this "
+        "server's, and each conversation sends only its last turn (the same history for both servers)",
+    )
     ap.add_argument("--method", help="per-request chunkkv.kv_method (default: the server's)")
     ap.add_argument("--budget", help="per-request chunkkv.kv_budget")
     ap.add_argument("--label", default="")
@@ -236,6 +248,15 @@ def main():
     if urllib.parse.urlparse(args.url).hostname not in ("127.0.0.1", "localhost"):
         raise SystemExit("load tests run against 127.0.0.1 only")
 
+    replay_from = args.replay
+    if args.replay:
+        with open(args.replay, encoding="utf-8") as f:
+            ran = json.load(f)
+        args.replay = {
+            a["conversation"]: a["replies"]
+            for a in ran["answers"]
+            if len(a.get("replies", [])) >= args.turns - 1
+        }
     texts = essays(args.data)
     ids = range(args.first, args.first + args.conversations)
     codes = [str(random.Random(1000 + i).randrange(10000, 99999)) for i in ids]
@@ -295,6 +316,7 @@ def main():
         "peak_slot_cells": peak["cells"],
         "answers": stats.answers,
         "doc_tokens": args.doc_tokens,
+        "replay_from": replay_from,
     }
     if args.header:
         print(HEADER)

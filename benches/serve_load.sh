@@ -12,7 +12,9 @@
 #   uncompressed server), TURNS=1 (the question right after the document, no
 #   earlier turns) or 2 (a summary turn, then the question), FIRST=20 (the number of the
 #   first conversation: another set of documents and facts), LONG=256 (with 3 turns, the
-#   middle turn asks for a detailed answer of up to 256 tokens: a decode-bound load)
+#   middle turn asks for a detailed answer of up to 256 tokens: a decode-bound load),
+#   REPLAY=run.json (an earlier run's replies stand in for the earlier turns; only the
+#   question is sent, so two servers answer it after the same history)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: benches/serve_load.sh OUT_DIR}"
@@ -38,7 +40,7 @@ run() {
     sleep 0.5
   done
   python3 benches/serve_load.py --url "http://127.0.0.1:$port" --conversations "$n" \
-    --doc-tokens "$docs" --turns "${TURNS:-3}" --first "${FIRST:-0}" --long-reply "${LONG:-0}" --label "$label" --json-out "$out/$slug.json" $header >> "$out/table.md"
+    --doc-tokens "$docs" --turns "${TURNS:-3}" --first "${FIRST:-0}" --long-reply "${LONG:-0}" ${REPLAY:+--replay "$REPLAY"} --label "$label" --json-out "$out/$slug.json" $header >> "$out/table.md"
   header=""
   curl -s "http://127.0.0.1:$port/metrics" > "$out/$slug.metrics.txt"
   kill -TERM "$pid"

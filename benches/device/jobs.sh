@@ -18,16 +18,17 @@ go() {
   echo "$(date -u +%T) done $name rc $?"
 }
 mkdir -p /root/w/out
-cells="-v --kv-recall host -ngl 99 -fa on --kv-recall-cells 2048"
-go new-t3-a chunkkv "$new"
-go old-t3-a chunkkv-old "$old"
-go long-new chunkkv "$new" LONG=256
-go long-none chunkkv "$new" LONG=256 NONE=1 NP_FULL=4 BUDGETS=" " EXTRA="-ngl 99 -fa on"
-go cells-t3-a chunkkv "$new" EXTRA="$cells"
-go new-t3-b chunkkv "$new" FIRST=20
-go old-t3-b chunkkv-old "$old" FIRST=20
-go cells-t3-b chunkkv "$new" FIRST=20 EXTRA="$cells"
-go long-old chunkkv-old "$old" LONG=256
-go new-t1-a chunkkv "$new" TURNS=1
-go ref-t3-a chunkkv "$new" NONE=0 NP_FULL=4 BUDGETS=" " QUEUED=1 EXTRA="-ngl 99 -fa on"
+# Replays: each server answers the last turn after another run's first two replies.
+res=/root/w/repo/docs/results
+ref_a=$res/serve-load-gpu-rank-ahead/ref-t3-a/none-queued.json
+ref_b=$res/serve-load-h200/after-reply-7fdd2cb/none-t3-b/none-queued.json
+c10_a=$res/serve-load-gpu-rank-ahead/new-t3-a/chunkkv-10.json
+c10_b=$res/serve-load-gpu-rank-ahead/new-t3-b/chunkkv-10.json
+none=(NONE=0 NP_FULL=4 BUDGETS=" " QUEUED=1 EXTRA="-ngl 99 -fa on")
+go none-after-c10-a chunkkv "$new" "${none[@]}" REPLAY="$c10_a"
+go c10-after-none-a chunkkv "$new" REPLAY="$ref_a"
+go none-after-c10-b chunkkv "$new" "${none[@]}" FIRST=20 REPLAY="$c10_b"
+go c10-after-none-b chunkkv "$new" FIRST=20 REPLAY="$ref_b"
+go c10-after-c10-a chunkkv "$new" REPLAY="$c10_a"
+go none-after-none-a chunkkv "$new" "${none[@]}" REPLAY="$ref_a"
 echo "$(date -u +%T) all done"
