@@ -319,6 +319,10 @@ pub struct ChunkArgs {
     /// Default: window; chat documents: reconstruct.
     #[arg(long = "kv-score", value_enum)]
     pub score: Option<Scorer>,
+    /// Keep the sequence's first N tokens (attention sinks) in every layer,
+    /// whatever they score.
+    #[arg(long = "kv-sinks", value_name = "N", default_value_t = 0)]
+    pub sinks: usize,
 }
 
 impl ChunkArgs {
@@ -475,7 +479,8 @@ impl CompressArgs {
             1
         };
         let score = self.chunk.score.unwrap_or(default_score);
-        let c = Compressor::new(ctx, policy, self.chunk.window, reuse)?;
+        let c =
+            Compressor::new(ctx, policy, self.chunk.window, reuse)?.with_sinks(self.chunk.sinks);
         if score == Scorer::Reconstruct || self.method == Method::Kvzip {
             let rec = Reconstruction::for_model(ctx.model(), turn)
                 .map_err(|e| CompressError::Config(format!("reconstruction prompts: {e}")))?;

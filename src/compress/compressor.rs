@@ -99,6 +99,12 @@ struct Selection {
     live: Vec<usize>,
 }
 
+/// A pinned cell's score: above anything attention gives.
+const PINNED: f32 = 1.0e6;
+
+/// A sink's score ([`Compressor::with_sinks`]): above pinned draft positions.
+const SINK: f32 = 2.0 * PINNED;
+
 /// Scores, selects and compacts one sequence's attention cache.
 pub struct Compressor {
     policy: Box<dyn Policy>,
@@ -146,6 +152,8 @@ pub struct Compressor {
     recall_probe: usize,
     /// Draft-attended positions kept in every layer (`with_recall_pin`).
     recall_pin: usize,
+    /// The sequence's first positions, kept in every layer (`with_sinks`).
+    sinks: Pos,
     /// Recalling turns rank and keep by position across layer groups (`with_recall_unify`).
     recall_unify: bool,
 }
@@ -413,7 +421,18 @@ impl Compressor {
             recall_probe: 0,
             recall_pin: 0,
             recall_unify: false,
+            sinks: 0,
         })
+    }
+
+    /// Keeps the sequence's first `n` positions (with their chunks) in every
+    /// layer, whatever they score. Most heads park attention on the first
+    /// tokens (attention sinks, StreamingLLM); a window's attention does not
+    /// always show it in the first layers, and a layer that lost them
+    /// spreads that attention over the rest of a compressed cache.
+    pub fn with_sinks(mut self, n: usize) -> Self {
+        self.sinks = Pos::try_from(n).unwrap_or(Pos::MAX);
+        self
     }
 
     /// Keeps evicted rows in `store` so later turns can bring them back
@@ -1829,7 +1848,6 @@ impl Compressor {
         importance: &mut [LayerImportance],
         pins: &[Pos],
     ) {
-        const PINNED: f32 = 1.0e6;
         if pins.is_empty() {
             return;
         }
@@ -2270,7 +2288,11 @@ impl Compressor {
                     pos.push(p);
                     cell.push(c);
                     chunk.push(id);
-                    score.push(s.map_or(0.0, |s| s[c]));
+                    score.push(if p < self.sinks {
+                        SINK
+                    } else {
+                        s.map_or(0.0, |s| s[c])
+                    });
                 }
                 HeadCandidates {
                     pos: pos.into(),
