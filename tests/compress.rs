@@ -502,3 +502,27 @@ fn a_slot_of_a_two_sequence_context_compresses_like_a_context_of_its_own() {
     );
     assert_eq!(shared.seq_used(0), other.len() - 4);
 }
+
+#[test]
+fn sinks_stay_in_every_layer_whatever_they_score() {
+    let model = default_model();
+    let tokens = model.tokenize(&essays(3000), true, false).unwrap();
+    // Room for three chunks besides the window: with 25 sinks, chunks 0–2
+    // (positions 0–29) take it in every layer; scored alone they rarely would.
+    let n_keep = 32 + 30;
+    let holds_sinks = |sinks: usize| {
+        let mut ctx = ctx_with(model, 1024, FlashAttn::Off, CacheType::F16, CacheType::F16);
+        let mut c = chunkkv(&ctx, 1).with_sinks(sinks);
+        c.prefill(&mut ctx, &tokens, 0, n_keep, Budget::Tokens(n_keep).json())
+            .unwrap();
+        let t = c.slot_table();
+        (0..t.n_layers())
+            .filter(|&l| (0..25).all(|i| t.position(l, 0, i, &[]) == Some(i as i32)))
+            .count()
+    };
+    assert_eq!(holds_sinks(25), 30, "every layer keeps positions 0..25");
+    assert!(
+        holds_sinks(0) < 30,
+        "without sinks some layer keeps other chunks than the first three"
+    );
+}

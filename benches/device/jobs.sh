@@ -18,17 +18,13 @@ go() {
   echo "$(date -u +%T) done $name rc $?"
 }
 mkdir -p /root/w/out
-# Replays: each server answers the last turn after another run's first two replies.
-res=/root/w/repo/docs/results
-ref_a=$res/serve-load-gpu-rank-ahead/ref-t3-a/none-queued.json
-ref_b=$res/serve-load-h200/after-reply-7fdd2cb/none-t3-b/none-queued.json
-c10_a=$res/serve-load-gpu-rank-ahead/new-t3-a/chunkkv-10.json
-c10_b=$res/serve-load-gpu-rank-ahead/new-t3-b/chunkkv-10.json
-none=(NONE=0 NP_FULL=4 BUDGETS=" " QUEUED=1 EXTRA="-ngl 99 -fa on")
-go none-after-c10-a chunkkv "$new" "${none[@]}" REPLAY="$c10_a"
-go c10-after-none-a chunkkv "$new" REPLAY="$ref_a"
-go none-after-c10-b chunkkv "$new" "${none[@]}" FIRST=20 REPLAY="$c10_b"
-go c10-after-none-b chunkkv "$new" FIRST=20 REPLAY="$ref_b"
-go c10-after-c10-a chunkkv "$new" REPLAY="$c10_a"
-go none-after-none-a chunkkv "$new" "${none[@]}" REPLAY="$ref_a"
+# Room for recall: half the slots in the same -c (-np 10: 13,824 cells a slot, 2.5x the
+# uncompressed server's conversations), 10 conversations at a time (no queue); sinks at -np 20.
+go np10-t3-a0 chunkkv "$new" NP_COMPRESSED=10 N=10 FIRST=0
+go np10-t3-a1 chunkkv "$new" NP_COMPRESSED=10 N=10 FIRST=10
+go np10-t3-b0 chunkkv "$new" NP_COMPRESSED=10 N=10 FIRST=20
+go np10-t3-b1 chunkkv "$new" NP_COMPRESSED=10 N=10 FIRST=30
+go sinks-t3-a chunkkv "$new" EXTRA="-v --kv-recall host -ngl 99 -fa on --kv-sinks 4"
+go sinks-t3-b chunkkv "$new" FIRST=20 EXTRA="-v --kv-recall host -ngl 99 -fa on --kv-sinks 4"
+go new-t3-a chunkkv "$new"
 echo "$(date -u +%T) all done"
