@@ -180,7 +180,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         recall_probe,
         recall_pin: args.recall.pin(),
         recall_unify: args.recall.unify,
-        sinks: args.chunk.sinks,
         recall_chunk,
         budgets: args.budgets.clone(),
         chunk,

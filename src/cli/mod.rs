@@ -320,9 +320,9 @@ pub struct ChunkArgs {
     #[arg(long = "kv-score", value_enum)]
     pub score: Option<Scorer>,
     /// Keep the sequence's first N tokens (attention sinks) in every layer,
-    /// whatever they score.
-    #[arg(long = "kv-sinks", value_name = "N", default_value_t = 0)]
-    pub sinks: usize,
+    /// whatever they score [default: 0; 4 when recall drafts replies].
+    #[arg(long = "kv-sinks", value_name = "N")]
+    pub sinks: Option<usize>,
 }
 
 impl ChunkArgs {
@@ -333,6 +333,7 @@ impl ChunkArgs {
         ChunkArgs {
             trail: Some(self.trail.unwrap_or(RECALL_TRAIL)),
             reduce: Some(self.reduce.unwrap_or(ScoreReduce::Max)),
+            sinks: Some(self.sinks.unwrap_or(RECALL_SINKS)),
             ..self.clone()
         }
     }
@@ -352,6 +353,7 @@ impl ChunkArgs {
             chunking: self.chunk_by.unwrap_or_default(),
             trail: self.trail.unwrap_or(0),
             reduce: self.reduce.unwrap_or_default(),
+            sinks: self.sinks.unwrap_or(0),
         };
         shape.check()?;
         Ok(shape)
@@ -407,6 +409,12 @@ pub const RECALL_PIN: usize = 32;
 
 /// `--kv-trail` when recall drafts replies and the flag is not given.
 pub const RECALL_TRAIL: usize = 16;
+
+/// `--kv-sinks` when recall drafts replies and the flag is not given: with
+/// rows ranked in 300-cell batches (query-agnostic NIAH, Qwen2.5-0.5B, 10%,
+/// CPU) they took recall from 0.889 to 0.944, the full cache's score; on the
+/// H100 serve load from 20 to 22 of 40 facts.
+pub const RECALL_SINKS: usize = 4;
 
 impl RecallArgs {
     /// Pinned draft positions: `--kv-recall-pin` or [`RECALL_PIN`].
@@ -479,8 +487,8 @@ impl CompressArgs {
             1
         };
         let score = self.chunk.score.unwrap_or(default_score);
-        let c =
-            Compressor::new(ctx, policy, self.chunk.window, reuse)?.with_sinks(self.chunk.sinks);
+        let c = Compressor::new(ctx, policy, self.chunk.window, reuse)?
+            .with_sinks(self.chunk.sinks.unwrap_or(0));
         if score == Scorer::Reconstruct || self.method == Method::Kvzip {
             let rec = Reconstruction::for_model(ctx.model(), turn)
                 .map_err(|e| CompressError::Config(format!("reconstruction prompts: {e}")))?;
@@ -588,19 +596,23 @@ mod tests {
         let silent = chunk_of(&[]);
         let plain = silent.shape().unwrap();
         assert_eq!(
-            (plain.trail, plain.reduce),
-            (0, crate::llama::ScoreReduce::Sum)
+            (plain.trail, plain.reduce, plain.sinks),
+            (0, crate::llama::ScoreReduce::Sum, 0)
         );
         let recall = silent.for_recall().shape().unwrap();
         assert_eq!(
-            (recall.trail, recall.reduce),
-            (super::RECALL_TRAIL, crate::llama::ScoreReduce::Max)
+            (recall.trail, recall.reduce, recall.sinks),
+            (
+                super::RECALL_TRAIL,
+                crate::llama::ScoreReduce::Max,
+                super::RECALL_SINKS
+            )
         );
-        let told = chunk_of(&["--kv-trail", "0", "--kv-reduce", "sum"]);
+        let told = chunk_of(&["--kv-trail", "0", "--kv-reduce", "sum", "--kv-sinks", "0"]);
         let recall = told.for_recall().shape().unwrap();
         assert_eq!(
-            (recall.trail, recall.reduce),
-            (0, crate::llama::ScoreReduce::Sum)
+            (recall.trail, recall.reduce, recall.sinks),
+            (0, crate::llama::ScoreReduce::Sum, 0)
         );
     }
 

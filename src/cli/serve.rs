@@ -110,7 +110,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             recall_probe,
             recall_pin: args.recall.pin(),
             recall_unify: args.recall.unify,
-            sinks: args.chunk.sinks,
             trace: args.trace.clone().filter(|t| !t.is_empty()),
             batch_replies: std::time::Duration::from_millis(args.batch_replies),
             compact_after_reply: args.compact_after_reply,

@@ -50,6 +50,9 @@ pub struct ChunkKv {
     /// cell one query needs, say a copied value, is not outvoted by the many
     /// that look elsewhere).
     pub reduce: ScoreReduce,
+    /// The sequence's first positions, kept in every layer whatever they
+    /// score (attention sinks; [`crate::compress::Compressor::with_sinks`]).
+    pub sinks: usize,
 }
 
 impl ChunkKv {
@@ -79,6 +82,7 @@ impl Default for ChunkKv {
             chunking: Chunking::Tokens,
             trail: 0,
             reduce: ScoreReduce::Sum,
+            sinks: 0,
         }
     }
 }

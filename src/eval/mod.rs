@@ -81,8 +81,6 @@ pub struct EvalConfig {
     pub recall_pin: usize,
     /// `--kv-recall-unify`.
     pub recall_unify: bool,
-    /// `--kv-sinks`: first positions kept in every layer.
-    pub sinks: usize,
     /// ChunkKV's shape for `+recall` methods (recall's defaults where the
     /// flags are silent).
     pub recall_chunk: ChunkKv,
@@ -379,7 +377,7 @@ fn run_prompt(
                     &cfg.chunk
                 };
                 let mut c = Compressor::new(ctx, m.policy(shape, cfg.seed)?, w, reuse)?
-                    .with_sinks(cfg.sinks);
+                    .with_sinks(shape.sinks);
                 if spec.recall {
                     let store = RecallStore::new(ctx, SEQ, cfg.recall_dir.as_deref())
                         .map_err(CompressError::from)?;

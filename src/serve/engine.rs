@@ -117,8 +117,6 @@ pub struct EngineConfig {
     pub recall_pin: usize,
     /// `--kv-recall-unify`: every layer group recalls and keeps the same chunks.
     pub recall_unify: bool,
-    /// `--kv-sinks`: the first positions every layer keeps.
-    pub sinks: usize,
     /// `--kv-trace`: text whose tokens are followed through compressions.
     pub trace: Option<String>,
     /// `--batch-replies`: how long a compressed turn's reply may wait for
@@ -471,7 +469,7 @@ fn new_compressor(
     let mut c = Compressor::new(ctx, policy, cfg.shape.window, reuse)
         .map_err(|e| e.to_string())?
         .with_seq(seq)
-        .with_sinks(cfg.sinks)
+        .with_sinks(cfg.shape.sinks)
         .with_reconstruction(rec);
     if method == Method::Chunkkv {
         let mut doc = cfg.shape.clone();
