@@ -150,7 +150,7 @@ def conversation(args, i, doc, code, stats):
             turns = [turns[0], question]
     messages = []
     ttfts = []
-    earlier = args.replay.get(i) if args.replay else None
+    earlier = args.replayed.get(i)
     for k, turn in enumerate(turns):
         messages.append({"role": "user", "content": turn})
         if earlier is not None and k < len(turns) - 1:
@@ -248,11 +248,12 @@ def main():
     if urllib.parse.urlparse(args.url).hostname not in ("127.0.0.1", "localhost"):
         raise SystemExit("load tests run against 127.0.0.1 only")
 
-    replay_from = args.replay
+    # Replay: each conversation's earlier replies, by conversation number.
+    args.replayed = {}
     if args.replay:
         with open(args.replay, encoding="utf-8") as f:
             ran = json.load(f)
-        args.replay = {
+        args.replayed = {
             a["conversation"]: a["replies"]
             for a in ran["answers"]
             if len(a.get("replies", [])) >= args.turns - 1
@@ -316,7 +317,7 @@ def main():
         "peak_slot_cells": peak["cells"],
         "answers": stats.answers,
         "doc_tokens": args.doc_tokens,
-        "replay_from": replay_from,
+        "replay_from": args.replay,
     }
     if args.header:
         print(HEADER)

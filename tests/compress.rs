@@ -512,7 +512,11 @@ fn sinks_stay_in_every_layer_whatever_they_score() {
     let n_keep = 32 + 30;
     let holds_sinks = |sinks: usize| {
         let mut ctx = ctx_with(model, 1024, FlashAttn::Off, CacheType::F16, CacheType::F16);
-        let mut c = chunkkv(&ctx, 1).with_sinks(sinks);
+        let shape = ChunkKv {
+            sinks,
+            ..ChunkKv::default()
+        };
+        let mut c = Compressor::new(&ctx, Box::new(shape), 32, 1).expect("compressor");
         c.prefill(&mut ctx, &tokens, 0, n_keep, Budget::Tokens(n_keep).json())
             .unwrap();
         let t = c.slot_table();

@@ -320,7 +320,7 @@ pub struct ChunkArgs {
     #[arg(long = "kv-score", value_enum)]
     pub score: Option<Scorer>,
     /// Keep the sequence's first N tokens (attention sinks) in every layer,
-    /// whatever they score [default: 0; 4 when recall drafts replies].
+    /// whatever they score (ChunkKV) [default: 0; 4 when recall drafts replies].
     #[arg(long = "kv-sinks", value_name = "N")]
     pub sinks: Option<usize>,
 }
@@ -487,8 +487,7 @@ impl CompressArgs {
             1
         };
         let score = self.chunk.score.unwrap_or(default_score);
-        let c = Compressor::new(ctx, policy, self.chunk.window, reuse)?
-            .with_sinks(self.chunk.sinks.unwrap_or(0));
+        let c = Compressor::new(ctx, policy, self.chunk.window, reuse)?;
         if score == Scorer::Reconstruct || self.method == Method::Kvzip {
             let rec = Reconstruction::for_model(ctx.model(), turn)
                 .map_err(|e| CompressError::Config(format!("reconstruction prompts: {e}")))?;

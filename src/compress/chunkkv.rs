@@ -51,7 +51,7 @@ pub struct ChunkKv {
     /// that look elsewhere).
     pub reduce: ScoreReduce,
     /// The sequence's first positions, kept in every layer whatever they
-    /// score (attention sinks; [`crate::compress::Compressor::with_sinks`]).
+    /// score (attention sinks; [`Policy::sinks`]).
     pub sinks: usize,
 }
 
@@ -194,6 +194,10 @@ impl Policy for ChunkKv {
 
     fn score_reduce(&self) -> ScoreReduce {
         self.reduce
+    }
+
+    fn sinks(&self) -> usize {
+        self.sinks
     }
 
     /// One set for all heads: token scores summed over KV heads.

@@ -102,7 +102,7 @@ struct Selection {
 /// A pinned cell's score: above anything attention gives.
 const PINNED: f32 = 1.0e6;
 
-/// A sink's score ([`Compressor::with_sinks`]): above pinned draft positions.
+/// A sink's score ([`Policy::sinks`]): above pinned draft positions.
 const SINK: f32 = 2.0 * PINNED;
 
 /// Scores, selects and compacts one sequence's attention cache.
@@ -152,8 +152,6 @@ pub struct Compressor {
     recall_probe: usize,
     /// Draft-attended positions kept in every layer (`with_recall_pin`).
     recall_pin: usize,
-    /// The sequence's first positions, kept in every layer (`with_sinks`).
-    sinks: Pos,
     /// Recalling turns rank and keep by position across layer groups (`with_recall_unify`).
     recall_unify: bool,
 }
@@ -421,18 +419,7 @@ impl Compressor {
             recall_probe: 0,
             recall_pin: 0,
             recall_unify: false,
-            sinks: 0,
         })
-    }
-
-    /// Keeps the sequence's first `n` positions (with their chunks) in every
-    /// layer, whatever they score. Most heads park attention on the first
-    /// tokens (attention sinks, StreamingLLM); a window's attention does not
-    /// always show it in the first layers, and a layer that lost them
-    /// spreads that attention over the rest of a compressed cache.
-    pub fn with_sinks(mut self, n: usize) -> Self {
-        self.sinks = Pos::try_from(n).unwrap_or(Pos::MAX);
-        self
     }
 
     /// Keeps evicted rows in `store` so later turns can bring them back
@@ -2228,6 +2215,7 @@ impl Compressor {
     ) -> LayerCandidates {
         let chunk_size = self.policy.chunk_size().max(1);
         let sentences = self.policy.chunking() == Chunking::Sentences;
+        let sinks = Pos::try_from(self.policy.sinks()).unwrap_or(Pos::MAX);
         // With recall, kept and recalled rows interleave by position: chunks
         // follow positions everywhere, as they did when first selected.
         let by_position = self.recall_on();
@@ -2288,7 +2276,7 @@ impl Compressor {
                     pos.push(p);
                     cell.push(c);
                     chunk.push(id);
-                    score.push(if p < self.sinks {
+                    score.push(if p < sinks {
                         SINK
                     } else {
                         s.map_or(0.0, |s| s[c])

@@ -86,6 +86,15 @@ pub trait Policy: Send + Sync {
         crate::llama::ScoreReduce::Sum
     }
 
+    /// The sequence's first positions, kept in every layer whatever they
+    /// score: most heads park attention on the first tokens (attention
+    /// sinks, StreamingLLM), a window's attention does not always show it
+    /// in the first layers, and a layer that lost them spreads that
+    /// attention over the rest of a compressed cache.
+    fn sinks(&self) -> usize {
+        0
+    }
+
     /// How many candidates each of `n_groups` scored layer groups (bottom
     /// first) selects when the mean is `n_select`; none may exceed `n_cand`.
     /// Uniform unless the policy budgets layers differently (PyramidKV).

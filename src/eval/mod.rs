@@ -376,8 +376,7 @@ fn run_prompt(
                 } else {
                     &cfg.chunk
                 };
-                let mut c = Compressor::new(ctx, m.policy(shape, cfg.seed)?, w, reuse)?
-                    .with_sinks(shape.sinks);
+                let mut c = Compressor::new(ctx, m.policy(shape, cfg.seed)?, w, reuse)?;
                 if spec.recall {
                     let store = RecallStore::new(ctx, SEQ, cfg.recall_dir.as_deref())
                         .map_err(CompressError::from)?;

@@ -469,7 +469,6 @@ fn new_compressor(
     let mut c = Compressor::new(ctx, policy, cfg.shape.window, reuse)
         .map_err(|e| e.to_string())?
         .with_seq(seq)
-        .with_sinks(cfg.shape.sinks)
         .with_reconstruction(rec);
     if method == Method::Chunkkv {
         let mut doc = cfg.shape.clone();
