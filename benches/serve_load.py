@@ -251,13 +251,16 @@ def main():
     # Replay: each conversation's earlier replies, by conversation number.
     args.replayed = {}
     if args.replay:
-        with open(args.replay, encoding="utf-8") as f:
-            ran = json.load(f)
-        args.replayed = {
-            a["conversation"]: a["replies"]
-            for a in ran["answers"]
-            if len(a.get("replies", [])) >= args.turns - 1
-        }
+        try:
+            with open(args.replay, encoding="utf-8") as f:
+                ran = json.load(f)
+            args.replayed = {
+                a["conversation"]: a["replies"]
+                for a in ran["answers"]
+                if len(a.get("replies", [])) >= args.turns - 1
+            }
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--replay {args.replay}: not a serve_load JSON with replies ({e!r})")
     texts = essays(args.data)
     ids = range(args.first, args.first + args.conversations)
     codes = [str(random.Random(1000 + i).randrange(10000, 99999)) for i in ids]
