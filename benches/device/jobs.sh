@@ -18,13 +18,16 @@ go() {
   echo "$(date -u +%T) done $name rc $?"
 }
 mkdir -p /root/w/out
-# Room for recall: half the slots in the same -c (-np 10: 13,824 cells a slot, 2.5x the
-# uncompressed server's conversations), 10 conversations at a time (no queue); sinks at -np 20.
-go np10-t3-a0 chunkkv "$new" NP_COMPRESSED=10 N=10 FIRST=0
-go np10-t3-a1 chunkkv "$new" NP_COMPRESSED=10 N=10 FIRST=10
-go np10-t3-b0 chunkkv "$new" NP_COMPRESSED=10 N=10 FIRST=20
-go np10-t3-b1 chunkkv "$new" NP_COMPRESSED=10 N=10 FIRST=30
-go sinks-t3-a chunkkv "$new" EXTRA="-v --kv-recall host -ngl 99 -fa on --kv-sinks 4"
-go sinks-t3-b chunkkv "$new" FIRST=20 EXTRA="-v --kv-recall host -ngl 99 -fa on --kv-sinks 4"
-go new-t3-a chunkkv "$new"
+# The same bytes as the f16 -c 135168 (135168 x 16 / 8.5 = 254,434 cells of q8_0, rounded down to
+# 20 slots of 12,544 = 49 x 256): a q8_0 cache gives each of 20 compressed slots 1.8x the room.
+q8="-ctk q8_0 -ctv q8_0"
+rec="-v --kv-recall host -ngl 99 -fa on"
+go q8-t3-a chunkkv "$new" CTX=250880 EXTRA="$rec $q8"
+go q8-t3-b chunkkv "$new" CTX=250880 FIRST=20 EXTRA="$rec $q8"
+# llama.cpp's own q8_0 cache in the same bytes: 7 slots of 35,840 cells hold a whole conversation.
+go none-q8-t3-a chunkkv "$new" CTX=250880 NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=7 EXTRA="$rec $q8"
+go none-q8-t3-b chunkkv "$new" CTX=250880 NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=7 FIRST=20 EXTRA="$rec $q8"
+go q8-t3-a2 chunkkv "$new" CTX=250880 EXTRA="$rec $q8"
+go f16-t3-a chunkkv "$new"
+go q8-t3-b2 chunkkv "$new" CTX=250880 FIRST=20 EXTRA="$rec $q8"
 echo "$(date -u +%T) all done"
