@@ -43,11 +43,14 @@ run() {
     --doc-tokens "$docs" --turns "${TURNS:-3}" --first "${FIRST:-0}" --long-reply "${LONG:-0}" ${REPLAY:+--replay "$REPLAY"} --label "$label" --json-out "$out/$slug.json" $header >> "$out/table.md"
   header=""
   curl -s "http://127.0.0.1:$port/metrics" > "$out/$slug.metrics.txt"
+  # What "the same memory" means: the KV cache each server allocated.
+  kv_sizes+="$label: $(sed -n 's/.*listening on http:[^ ]* (\(.*\))$/\1/p' "$out/$slug.server.log")"$'\n'
   kill -TERM "$pid"
   wait "$pid"
 }
 
 header="--header"
+kv_sizes=""
 : > "$out/table.md"
 if [ "${NONE:-1}" = 1 ]; then
   run none "none, -np $np_full" 0 --kv-method none -np "$np_full"
@@ -61,6 +64,7 @@ fi
 {
   echo
   echo "model $model, -c $ctx, $n conversations, documents of $docs tokens (conversations from ${FIRST:-0}), ${TURNS:-3} turns, long reply ${LONG:-0}, extra flags: ${EXTRA:-none}, $(date -u +%F)"
+  printf '%s' "$kv_sizes"
   echo "commit ${CHUNKKV_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs"
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name --format=csv,noheader | sed 's/^/GPU: /' | sort | uniq -c
 } >> "$out/table.md"

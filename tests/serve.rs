@@ -18,6 +18,8 @@ struct Server {
     child: Child,
     port: u16,
     stderr: mpsc::Receiver<String>,
+    /// The "listening on" line: slots, cells and the KV cache's bytes.
+    banner: String,
 }
 
 impl Server {
@@ -60,6 +62,7 @@ impl Server {
                     child,
                     port,
                     stderr: rx,
+                    banner: line,
                 };
             }
         }
@@ -267,8 +270,16 @@ fn curl_gets_openai_shapes_and_clear_errors() {
 
 #[test]
 fn a_request_that_cannot_fit_its_slot_is_context_length_exceeded() {
-    // Two slots of 512 cells.
+    // Two slots of 512 cells: SmolLM2-135M's 30 layers of 3 KV heads x 64
+    // dims hold 2 x 192 x 2 bytes a layer per cell, 22.5 MiB for 1024 cells.
     let server = Server::start("smollm2-135m", &["-c", "1024", "-np", "2"]);
+    assert!(
+        server
+            .banner
+            .ends_with("(2 slots of 512 cells; KV cache 22.5 MiB, f16/f16)"),
+        "{}",
+        server.banner
+    );
     let long = essays(3500);
     // Uncompressed, ~800 tokens cannot fit 512 cells.
     let mut body = chat_body(&long, 8);

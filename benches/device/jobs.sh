@@ -22,12 +22,10 @@ mkdir -p /root/w/out
 # 20 slots of 12,544 = 49 x 256): a q8_0 cache gives each of 20 compressed slots 1.8x the room.
 q8="-ctk q8_0 -ctv q8_0"
 rec="-v --kv-recall host -ngl 99 -fa on"
-go q8-t3-a chunkkv "$new" CTX=250880 EXTRA="$rec $q8"
-go q8-t3-b chunkkv "$new" CTX=250880 FIRST=20 EXTRA="$rec $q8"
-# llama.cpp's own q8_0 cache in the same bytes: 7 slots of 35,840 cells hold a whole conversation.
-go none-q8-t3-a chunkkv "$new" CTX=250880 NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=7 EXTRA="$rec $q8"
-go none-q8-t3-b chunkkv "$new" CTX=250880 NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=7 FIRST=20 EXTRA="$rec $q8"
-go q8-t3-a2 chunkkv "$new" CTX=250880 EXTRA="$rec $q8"
-go f16-t3-a chunkkv "$new"
-go q8-t3-b2 chunkkv "$new" CTX=250880 FIRST=20 EXTRA="$rec $q8"
+# second batch: a third run of each set, and this lease's f16 references
+go q8-t3-a3 chunkkv "$new" CTX=250880 EXTRA="$rec $q8"
+go q8-t3-b3 chunkkv "$new" CTX=250880 FIRST=20 EXTRA="$rec $q8"
+go none-t3-a chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4
+go f16-t3-b chunkkv "$new" FIRST=20
+go none-t3-b chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST=20
 echo "$(date -u +%T) all done"

@@ -29,8 +29,8 @@ use crate::compress::{
     Reconstruction, Scorer, TurnState,
 };
 use crate::llama::{
-    Batch, ChatMessage, Context, ContextParams, KvPart, Model, Pos, Sampler, SamplingParams, SeqId,
-    StreamDecoder, Token,
+    Batch, CacheType, ChatMessage, Context, ContextParams, KvPart, KvStats, Model, Pos, Sampler,
+    SamplingParams, SeqId, StreamDecoder, Token,
 };
 
 /// Prompt tokens of one slot per step, beside the other slots' work.
@@ -245,15 +245,43 @@ impl Slot {
     }
 }
 
+/// What the server's memory holds, told once the context exists: operators
+/// compare servers "in the same memory" by these bytes, not by `-c` (a q8_0
+/// cache holds twice the cells of an f16 one in the same bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    /// Cells of one slot's stream (`-c / -np`, padded by llama.cpp).
+    pub slot_cells: usize,
+    /// The KV cache's K and V tensors over all slots, if it has one.
+    pub kv: Option<KvStats>,
+}
+
+impl std::fmt::Display for Capacity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "slots of {} cells", self.slot_cells)?;
+        if let Some(kv) = self.kv {
+            let name = |t: Option<CacheType>| t.map_or("?", CacheType::name);
+            write!(
+                f,
+                "; KV cache {:.1} MiB, {}/{}",
+                kv.bytes_allocated as f64 / 1048576.0,
+                name(kv.type_k),
+                name(kv.type_v)
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Runs the engine until `jobs` closes or `stop` is set; `ready` gets the
-/// outcome of creating the context (a slot's cells) before any job is taken.
+/// outcome of creating the context before any job is taken.
 pub fn run(
     model: &Model,
     cfg: &EngineConfig,
     jobs: mpsc::Receiver<Job>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
-    ready: mpsc::Sender<Result<usize, String>>,
+    ready: mpsc::Sender<Result<Capacity, String>>,
 ) {
     let params = cfg.context.clone().with_n_seq_max(cfg.n_slots as u32);
     let mut ctx = match Context::new(model, &params) {
@@ -275,7 +303,10 @@ pub fn run(
             traced: Vec::new(),
         })
         .collect();
-    let _ = ready.send(Ok(ctx.seq_capacity()));
+    let _ = ready.send(Ok(Capacity {
+        slot_cells: ctx.seq_capacity(),
+        kv: ctx.kv_stats(KvPart::Base),
+    }));
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut batch = Batch::new(ctx.n_batch() as usize + cfg.n_slots);
     let mut sched = Schedule {

@@ -74,8 +74,8 @@ pub fn run(
             })
             .context("cannot start the engine thread")?
     };
-    let slot_cells = match ready_rx.recv() {
-        Ok(Ok(cells)) => cells,
+    let capacity = match ready_rx.recv() {
+        Ok(Ok(c)) => c,
         Ok(Err(e)) => anyhow::bail!(e),
         Err(_) => anyhow::bail!("the engine stopped while loading the model"),
     };
@@ -87,7 +87,7 @@ pub fn run(
         cfg.api_key.clone(),
         cfg.default_max_tokens,
         n_slots,
-        slot_cells,
+        capacity.slot_cells,
     ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -99,7 +99,7 @@ pub fn run(
         state.clone(),
         stop.clone(),
         n_slots,
-        slot_cells,
+        capacity,
     ));
     stop.store(true, Ordering::Relaxed);
     drop(state);
@@ -113,7 +113,7 @@ async fn serve(
     state: Arc<api::AppState>,
     stop: Arc<AtomicBool>,
     n_slots: usize,
-    slot_cells: usize,
+    capacity: engine::Capacity,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -123,7 +123,7 @@ async fn serve(
         eprintln!("warning: listening on {local} without --api-key: anyone who can reach it can use the model");
     }
     // Scripts wait for this line (and read the port from it with --port 0).
-    eprintln!("chunkkv serve: listening on http://{local} ({n_slots} slots of {slot_cells} cells)");
+    eprintln!("chunkkv serve: listening on http://{local} ({n_slots} {capacity})");
     let shutting = state.shutting_down.clone();
     let signalled = Arc::new(tokio::sync::Notify::new());
     let app = api::router(state.clone());
