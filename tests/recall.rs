@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 use chunkkv::chat::ChatSession;
 use chunkkv::compress::{Budget, ChunkKv, Compressor, Keep, RecallStore, Scorer};
 use chunkkv::llama::{
-    Backend, Context, ContextParams, FlashAttn, KvPart, Model, ModelParams, Pos, Sampler,
-    SamplingParams, ScoreReduce, Token,
+    Backend, CacheType, Context, ContextParams, FlashAttn, KvPart, Model, ModelParams, Pos,
+    Sampler, SamplingParams, ScoreReduce, Token,
 };
 use chunkkv::pipeline::{self, SEQ};
 use common::{essays, model_path};
@@ -102,8 +102,25 @@ fn fact_kept(c: &Compressor, fact: &std::ops::Range<usize>) -> Vec<usize> {
 /// The fact's tokens kept per layer after its question; `probe` reply
 /// tokens drafted, the `pin` positions the draft attends to most kept everywhere.
 fn run_recall_case(fa: FlashAttn, probe: usize, pin: usize, unify: bool) -> Vec<usize> {
+    run_recall_case_on(fa, CacheType::F16, probe, pin, unify)
+}
+
+/// [`run_recall_case`] on a cache of type `kv` (K and V).
+fn run_recall_case_on(
+    fa: FlashAttn,
+    kv: CacheType,
+    probe: usize,
+    pin: usize,
+    unify: bool,
+) -> Vec<usize> {
     let model = qwen();
-    let mut ctx = ctx(model, 4096, fa);
+    let p = ContextParams::default()
+        .with_n_ctx(4096)
+        .with_n_threads(2)
+        .with_flash_attn(fa)
+        .with_type_k(kv)
+        .with_type_v(kv);
+    let mut ctx = Context::new(model, &p).expect("context");
     let (doc, fact) = document(model);
     let n = doc.len();
     let store = RecallStore::new(&ctx, SEQ, None).unwrap();
@@ -168,6 +185,14 @@ fn a_fact_evicted_at_load_time_comes_back_when_its_question_needs_it() {
 #[test]
 fn recall_works_with_a_transposed_v_cache() {
     run_recall_case(FlashAttn::Off, 0, 0, false);
+}
+
+/// A q8_0 cache holds 1.88x the cells of f16 in the same bytes (the room a
+/// server's recalling turn needs): its blocks are stored, uploaded and
+/// compacted as they are.
+#[test]
+fn recall_works_with_a_q8_0_cache() {
+    run_recall_case_on(FlashAttn::On, CacheType::Q8_0, 0, 0, false);
 }
 
 /// Whether every layer keeps at least as many of the fact's tokens in `more` as in `less`.
