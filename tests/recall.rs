@@ -29,10 +29,17 @@ fn qwen() -> &'static Model {
 }
 
 fn ctx(model: &Model, n_ctx: u32, fa: FlashAttn) -> Context<'_> {
+    ctx_of(model, n_ctx, fa, CacheType::F16)
+}
+
+/// [`ctx`] with K and V of type `kv`.
+fn ctx_of(model: &Model, n_ctx: u32, fa: FlashAttn, kv: CacheType) -> Context<'_> {
     let p = ContextParams::default()
         .with_n_ctx(n_ctx)
         .with_n_threads(2)
-        .with_flash_attn(fa);
+        .with_flash_attn(fa)
+        .with_type_k(kv)
+        .with_type_v(kv);
     Context::new(model, &p).expect("context")
 }
 
@@ -114,13 +121,7 @@ fn run_recall_case_on(
     unify: bool,
 ) -> Vec<usize> {
     let model = qwen();
-    let p = ContextParams::default()
-        .with_n_ctx(4096)
-        .with_n_threads(2)
-        .with_flash_attn(fa)
-        .with_type_k(kv)
-        .with_type_v(kv);
-    let mut ctx = Context::new(model, &p).expect("context");
+    let mut ctx = ctx_of(model, 4096, fa, kv);
     let (doc, fact) = document(model);
     let n = doc.len();
     let store = RecallStore::new(&ctx, SEQ, None).unwrap();

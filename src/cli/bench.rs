@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 use super::{ChunkArgs, ContextArgs, ModelArgs};
 use crate::bench::{self, BenchConfig, BenchRow};
 use crate::compress::Budget;
+use crate::llama::mib;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -123,10 +124,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Output::Md => print_md(&info.description, args.n_gen, &rows),
     }
     Ok(())
-}
-
-fn mib(b: u64) -> f64 {
-    b as f64 / (1u64 << 20) as f64
 }
 
 fn print_md(model: &str, n_gen: usize, rows: &[BenchRow]) {

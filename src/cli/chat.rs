@@ -15,7 +15,7 @@ use clap::{Args, ValueEnum};
 use super::{ChunkArgs, CompressArgs, ContextArgs, ModelArgs, RecallArgs, SamplingArgs};
 use crate::chat::{ChatSession, ChatStats, FeedProgress};
 use crate::compress::{Budget, ChunkScore, Chunking, Method, Scorer, TurnState};
-use crate::llama::{Context, Sampler};
+use crate::llama::{mib, Context, Sampler};
 use crate::pipeline::StopReason;
 
 #[derive(Debug, Args)]
@@ -220,10 +220,6 @@ fn load(session: &mut ChatSession<'_>, text: &str, interactive: bool) -> anyhow:
         );
     }
     Ok(())
-}
-
-fn mib(b: u64) -> f64 {
-    b as f64 / (1u64 << 20) as f64
 }
 
 fn stats_text(s: &ChatStats) -> String {

@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use super::{ChunkArgs, ContextArgs, ModelArgs};
 use crate::compare::{self, CompareConfig, CompareRow, RowSpec};
 use crate::compress::{Budget, Method};
-use crate::llama::CacheType;
+use crate::llama::{mib, CacheType};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -215,10 +215,6 @@ fn json_row(r: &CompareRow) -> serde_json::Value {
         "agreement": r.agreement,
         "kl": r.kl,
     })
-}
-
-fn mib(b: u64) -> f64 {
-    b as f64 / (1u64 << 20) as f64
 }
 
 fn print_csv(rows: &[CompareRow]) {

@@ -21,6 +21,11 @@ impl KvPart {
     }
 }
 
+/// Bytes in MiB, as every report of KV memory prints them.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
 /// What one attention cache holds and costs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct KvStats {

@@ -19,8 +19,8 @@ pub use error::{
     ChatTemplateError, ContextError, DecodeError, LoadError, RpcError, StateError, TokenizeError,
 };
 pub use kv::{
-    CompactError, DeadSlots, ImportanceAllocError, KvLayerLayout, KvPart, KvStats, LayerImportance,
-    RowsError, ScoreReduce, ScoreRows,
+    mib, CompactError, DeadSlots, ImportanceAllocError, KvLayerLayout, KvPart, KvStats,
+    LayerImportance, RowsError, ScoreReduce, ScoreRows,
 };
 pub use model::{apply_template, ChatMessage, Model, ModelInfo, ModelParams, SplitMode, Token};
 pub use sampler::{Sampler, SamplingParams};

@@ -29,8 +29,8 @@ use crate::compress::{
     Reconstruction, Scorer, TurnState,
 };
 use crate::llama::{
-    Batch, CacheType, ChatMessage, Context, ContextParams, KvPart, KvStats, Model, Pos, Sampler,
-    SamplingParams, SeqId, StreamDecoder, Token,
+    mib, Batch, CacheType, ChatMessage, Context, ContextParams, KvPart, KvStats, Model, Pos,
+    Sampler, SamplingParams, SeqId, StreamDecoder, Token,
 };
 
 /// Prompt tokens of one slot per step, beside the other slots' work.
@@ -250,6 +250,7 @@ impl Slot {
 /// cache holds twice the cells of an f16 one in the same bytes).
 #[derive(Debug, Clone, Copy)]
 pub struct Capacity {
+    pub n_slots: usize,
     /// Cells of one slot's stream (`-c / -np`, padded by llama.cpp).
     pub slot_cells: usize,
     /// The KV cache's K and V tensors over all slots, if it has one.
@@ -258,13 +259,13 @@ pub struct Capacity {
 
 impl std::fmt::Display for Capacity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "slots of {} cells", self.slot_cells)?;
+        write!(f, "{} slots of {} cells", self.n_slots, self.slot_cells)?;
         if let Some(kv) = self.kv {
             let name = |t: Option<CacheType>| t.map_or("?", CacheType::name);
             write!(
                 f,
                 "; KV cache {:.1} MiB, {}/{}",
-                kv.bytes_allocated as f64 / 1048576.0,
+                mib(kv.bytes_allocated),
                 name(kv.type_k),
                 name(kv.type_v)
             )?;
@@ -304,6 +305,7 @@ pub fn run(
         })
         .collect();
     let _ = ready.send(Ok(Capacity {
+        n_slots: cfg.n_slots,
         slot_cells: ctx.seq_capacity(),
         kv: ctx.kv_stats(KvPart::Base),
     }));

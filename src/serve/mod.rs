@@ -94,13 +94,7 @@ pub fn run(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let served = rt.block_on(serve(
-        cfg.addr,
-        state.clone(),
-        stop.clone(),
-        n_slots,
-        capacity,
-    ));
+    let served = rt.block_on(serve(cfg.addr, state.clone(), stop.clone(), capacity));
     stop.store(true, Ordering::Relaxed);
     drop(state);
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -112,7 +106,6 @@ async fn serve(
     addr: SocketAddr,
     state: Arc<api::AppState>,
     stop: Arc<AtomicBool>,
-    n_slots: usize,
     capacity: engine::Capacity,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -123,7 +116,7 @@ async fn serve(
         eprintln!("warning: listening on {local} without --api-key: anyone who can reach it can use the model");
     }
     // Scripts wait for this line (and read the port from it with --port 0).
-    eprintln!("chunkkv serve: listening on http://{local} ({n_slots} {capacity})");
+    eprintln!("chunkkv serve: listening on http://{local} ({capacity})");
     let shutting = state.shutting_down.clone();
     let signalled = Arc::new(tokio::sync::Notify::new());
     let app = api::router(state.clone());
