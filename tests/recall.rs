@@ -29,17 +29,17 @@ fn qwen() -> &'static Model {
 }
 
 fn ctx(model: &Model, n_ctx: u32, fa: FlashAttn) -> Context<'_> {
-    ctx_of(model, n_ctx, fa, CacheType::F16)
+    ctx_of(model, n_ctx, fa, (CacheType::F16, CacheType::F16))
 }
 
-/// [`ctx`] with K and V of type `kv`.
-fn ctx_of(model: &Model, n_ctx: u32, fa: FlashAttn, kv: CacheType) -> Context<'_> {
+/// [`ctx`] with K and V of types `kv`.
+fn ctx_of(model: &Model, n_ctx: u32, fa: FlashAttn, kv: (CacheType, CacheType)) -> Context<'_> {
     let p = ContextParams::default()
         .with_n_ctx(n_ctx)
         .with_n_threads(2)
         .with_flash_attn(fa)
-        .with_type_k(kv)
-        .with_type_v(kv);
+        .with_type_k(kv.0)
+        .with_type_v(kv.1);
     Context::new(model, &p).expect("context")
 }
 
@@ -109,13 +109,13 @@ fn fact_kept(c: &Compressor, fact: &std::ops::Range<usize>) -> Vec<usize> {
 /// The fact's tokens kept per layer after its question; `probe` reply
 /// tokens drafted, the `pin` positions the draft attends to most kept everywhere.
 fn run_recall_case(fa: FlashAttn, probe: usize, pin: usize, unify: bool) -> Vec<usize> {
-    run_recall_case_on(fa, CacheType::F16, probe, pin, unify)
+    run_recall_case_on(fa, (CacheType::F16, CacheType::F16), probe, pin, unify)
 }
 
-/// [`run_recall_case`] on a cache of type `kv` (K and V).
+/// [`run_recall_case`] on a cache of types `kv` (K, V).
 fn run_recall_case_on(
     fa: FlashAttn,
-    kv: CacheType,
+    kv: (CacheType, CacheType),
     probe: usize,
     pin: usize,
     unify: bool,
@@ -193,7 +193,27 @@ fn recall_works_with_a_transposed_v_cache() {
 /// compacted as they are.
 #[test]
 fn recall_works_with_a_q8_0_cache() {
-    run_recall_case_on(FlashAttn::On, CacheType::Q8_0, 0, 0, false);
+    run_recall_case_on(
+        FlashAttn::On,
+        (CacheType::Q8_0, CacheType::Q8_0),
+        0,
+        0,
+        false,
+    );
+}
+
+/// K and V of different block types (q8_0 K, q4_0 V: 1.31x the cells of
+/// q8_0 in the same bytes): each part's rows are stored and moved with
+/// their own row size.
+#[test]
+fn recall_works_with_a_q8_0_k_and_q4_0_v_cache() {
+    run_recall_case_on(
+        FlashAttn::On,
+        (CacheType::Q8_0, CacheType::Q4_0),
+        0,
+        0,
+        false,
+    );
 }
 
 /// Whether every layer keeps at least as many of the fact's tokens in `more` as in `less`.

@@ -18,14 +18,21 @@ go() {
   echo "$(date -u +%T) done $name rc $?"
 }
 mkdir -p /root/w/out
-# The same bytes as the f16 -c 135168 (135168 x 16 / 8.5 = 254,434 cells of q8_0, rounded down to
-# 20 slots of 12,544 = 49 x 256): a q8_0 cache gives each of 20 compressed slots 1.8x the room.
+# The same bytes as the f16 -c 135168 (1584 MiB): q8_0 K and V, 20 slots of 12,544 cells; q8_0 K
+# with q4_0 V (4,992 bytes a cell against 12,288), 20 slots of 16,384 = 64 x 256 (1560 MiB).
 q8="-ctk q8_0 -ctv q8_0"
+q84="-ctk q8_0 -ctv q4_0"
 rec="-v --kv-recall host -ngl 99 -fa on"
-# second batch: a third run of each set, and this lease's f16 references
-go q8-t3-a3 chunkkv "$new" CTX=250880 EXTRA="$rec $q8"
-go q8-t3-b3 chunkkv "$new" CTX=250880 FIRST=20 EXTRA="$rec $q8"
-go none-t3-a chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4
-go f16-t3-b chunkkv "$new" FIRST=20
-go none-t3-b chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST=20
+# q8_0 K, q4_0 V: sets a and b; then sets c and d (conversations 40-79) for the
+# uncompressed reference, q8_0 and q8_0/q4_0, to narrow the per-set spread.
+go q84-t3-a chunkkv "$new" CTX=327680 EXTRA="$rec $q84"
+go q84-t3-b chunkkv "$new" CTX=327680 FIRST=20 EXTRA="$rec $q84"
+go none-t3-c chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST=40
+go q84-t3-c chunkkv "$new" CTX=327680 FIRST=40 EXTRA="$rec $q84"
+go q8-t3-c chunkkv "$new" CTX=250880 FIRST=40 EXTRA="$rec $q8"
+go none-t3-d chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST=60
+go q84-t3-d chunkkv "$new" CTX=327680 FIRST=60 EXTRA="$rec $q84"
+go q8-t3-d chunkkv "$new" CTX=250880 FIRST=60 EXTRA="$rec $q8"
+go q84-t3-a2 chunkkv "$new" CTX=327680 EXTRA="$rec $q84"
+go q84-t3-b2 chunkkv "$new" CTX=327680 FIRST=20 EXTRA="$rec $q84"
 echo "$(date -u +%T) all done"

@@ -82,17 +82,33 @@ fn rows(args: &CompareArgs) -> Vec<RowSpec> {
             });
         }
     }
-    if !args.no_quantized {
-        rows.push(plain(CacheType::Q8_0));
-        rows.push(plain(CacheType::Q4_0));
+    let chunkkv_on = |rows: &mut Vec<RowSpec>, k: CacheType, v: CacheType| {
         for &b in &args.budgets {
             rows.push(RowSpec {
                 method: Method::Chunkkv,
                 budget: Some(b),
-                cache_type_k: CacheType::Q8_0,
-                cache_type_v: CacheType::Q8_0,
+                cache_type_k: k,
+                cache_type_v: v,
             });
         }
+    };
+    if !args.no_quantized {
+        rows.push(plain(CacheType::Q8_0));
+        rows.push(plain(CacheType::Q4_0));
+        chunkkv_on(&mut rows, CacheType::Q8_0, CacheType::Q8_0);
+    }
+    // A pair asked for with -ctk/-ctv (e.g. q8_0 K with q4_0 V) gets its own
+    // rows unless the fixed ones already hold it.
+    let (k, v) = (args.context.cache_type_k, args.context.cache_type_v);
+    if !rows
+        .iter()
+        .any(|r| r.cache_type_k == k && r.cache_type_v == v)
+    {
+        rows.push(RowSpec {
+            cache_type_k: k,
+            ..plain(v)
+        });
+        chunkkv_on(&mut rows, k, v);
     }
     rows
 }
