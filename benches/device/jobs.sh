@@ -29,9 +29,9 @@ go q84-t3-a chunkkv "$new" CTX=327680 EXTRA="$rec $q84"
 go q84-t3-b chunkkv "$new" CTX=327680 FIRST=20 EXTRA="$rec $q84"
 go none-t3-c chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST=40
 go q84-t3-c chunkkv "$new" CTX=327680 FIRST=40 EXTRA="$rec $q84"
-go q8-t3-c chunkkv "$new" CTX=250880 FIRST=40 EXTRA="$rec $q8"
 go none-t3-d chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST=60
 go q84-t3-d chunkkv "$new" CTX=327680 FIRST=60 EXTRA="$rec $q84"
+go q8-t3-c chunkkv "$new" CTX=250880 FIRST=40 EXTRA="$rec $q8"
 go q8-t3-d chunkkv "$new" CTX=250880 FIRST=60 EXTRA="$rec $q8"
 go q84-t3-a2 chunkkv "$new" CTX=327680 EXTRA="$rec $q84"
 go q84-t3-b2 chunkkv "$new" CTX=327680 FIRST=20 EXTRA="$rec $q84"
