@@ -52,7 +52,8 @@ pub struct CompareArgs {
     /// Budgets, comma-separated.
     #[arg(long = "kv-budget", value_delimiter = ',', default_value = "0.1,0.2")]
     pub budgets: Vec<Budget>,
-    /// Leave out llama.cpp's q8_0/q4_0 cache rows and ChunkKV on q8_0.
+    /// Leave out llama.cpp's q8_0/q4_0 cache rows and ChunkKV on q8_0 (a pair
+    /// given with -ctk/-ctv, e.g. q8_0 K and q4_0 V, still gets its rows).
     #[arg(long = "no-quantized")]
     pub no_quantized: bool,
     #[command(flatten)]
@@ -282,5 +283,56 @@ fn print_md(model: &str, rows: &[CompareRow]) {
             r.agreement,
             r.kl
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn rows_for(extra: &[&str]) -> Vec<(Method, CacheType, CacheType)> {
+        let argv = ["chunkkv", "compare", "--kv-budget", "0.1"]
+            .iter()
+            .chain(extra)
+            .map(|a| a.into());
+        let Command::Compare(a) = Cli::try_parse_from(Cli::normalize(argv)).unwrap().command else {
+            unreachable!()
+        };
+        rows(&a)
+            .into_iter()
+            .map(|r| (r.method, r.cache_type_k, r.cache_type_v))
+            .collect()
+    }
+
+    /// `-ctk/-ctv` add rows for their pair (uncompressed and ChunkKV), once.
+    #[test]
+    fn a_cache_pair_asked_for_gets_its_rows() {
+        use CacheType::{Q4_0, Q8_0};
+        let fixed = rows_for(&[]);
+        assert_eq!(fixed.len(), 5, "{fixed:?}");
+        let mixed = rows_for(&["-fa", "on", "-ctk", "q8_0", "-ctv", "q4_0"]);
+        assert_eq!(mixed[..5], fixed[..]);
+        assert_eq!(
+            mixed[5..],
+            [(Method::None, Q8_0, Q4_0), (Method::Chunkkv, Q8_0, Q4_0)]
+        );
+        // A pair the fixed rows hold adds nothing.
+        assert_eq!(
+            rows_for(&["-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0"]),
+            fixed
+        );
+        // Only the pair's own rows without the fixed quantized ones.
+        let alone = rows_for(&[
+            "--no-quantized",
+            "-fa",
+            "on",
+            "-ctk",
+            "q8_0",
+            "-ctv",
+            "q4_0",
+        ]);
+        assert_eq!(alone.len(), 4, "{alone:?}");
     }
 }
