@@ -391,6 +391,15 @@ fn build_with_cmake(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
+    if backends.contains(&"cuda") {
+        // llama.cpp's default FlashAttention K-V pairs plus q8_0 K with q4_0 V
+        // (docs/serve.md): without its kernel CUDA converts such a cache to f16
+        // at every step. GGML_CUDA_FA_QUANTS in the environment overrides it.
+        defines.insert(
+            "GGML_CUDA_FA_QUANTS".into(),
+            "q4_0-q4_0,q8_0-q8_0,f16-f16,bf16-bf16,q8_0-q4_0".into(),
+        );
+    }
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let tuning = options::cpu_tuning(&arch, &|k| env::var(k).ok());
     defines.extend(options::cpu_defines(&tuning));
