@@ -395,6 +395,7 @@ fn build_with_cmake(
         // llama.cpp's default FlashAttention K-V pairs plus q8_0 K with q4_0 V
         // (docs/serve.md): without its kernel CUDA converts such a cache to f16
         // at every step. GGML_CUDA_FA_QUANTS in the environment overrides it.
+        // The same list as .ci/gpu-build's (a CUDA host without Rust).
         defines.insert(
             "GGML_CUDA_FA_QUANTS".into(),
             "q4_0-q4_0,q8_0-q8_0,f16-f16,bf16-bf16,q8_0-q4_0".into(),
