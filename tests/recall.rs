@@ -335,6 +335,74 @@ fn a_held_back_compaction_is_scored_by_the_reply_itself() {
     );
 }
 
+/// A conversation's first prompt that fits its slot whole (nothing held yet,
+/// so nothing to bring back) waits for its reply too (`serve
+/// --kv-compact-after-reply`): the reply reads every cell of the document and
+/// question, not the budget's tenth, and `settle` then compacts to the
+/// budget, the evicted rows going to the store for later turns.
+#[test]
+fn a_prompt_that_fits_its_slot_is_read_whole_by_its_reply() {
+    let model = qwen();
+    let mut ctx = ctx(model, 4096, FlashAttn::On);
+    let (mut prompt, fact) = document(model);
+    prompt.extend(tok(model, QUESTION, false));
+    let n = prompt.len();
+    let n_keep = Budget::Ratio(0.1).cells_for(n);
+    // Recall's serve defaults: the reply scores, what it copied is pinned.
+    let mut c = recalling(&ctx)
+        .with_recall_probe(8)
+        .with_recall_pin(16)
+        .with_recall_unify(true);
+    let keep = Keep {
+        from: Pos::MAX,
+        history: true,
+        short: true,
+        recall: true,
+    };
+    c.defer_compaction(16);
+    let done = c
+        .prefill_turn(
+            &mut ctx,
+            &prompt,
+            0,
+            n_keep,
+            keep,
+            Scorer::Window,
+            serde_json::json!(0.1),
+        )
+        .unwrap();
+    assert!(
+        c.last_recall().is_none_or(|r| r.uploaded == 0),
+        "nothing was held"
+    );
+    assert!(c.unsettled(), "the compaction waits for the reply");
+    let used = |ctx: &Context<'_>| ctx.seq_kv_stats(KvPart::Base, SEQ).unwrap().cells_used as usize;
+    assert_eq!(used(&ctx), n, "the reply reads the whole prompt: {done:?}");
+    let mut greedy = Sampler::new(&SamplingParams::greedy());
+    let (reply, text, _, _) =
+        pipeline::decode(&mut ctx, &mut greedy, n as Pos, 12, |_| {}).unwrap();
+    assert!(text.contains("7319"), "{text:?}");
+    let in_cache = (ctx.seq_pos_max(SEQ).unwrap() + 1) as usize - n;
+    c.replied(&reply[..in_cache]);
+    assert!(c.settle(&mut ctx).unwrap());
+    assert!(
+        used(&ctx) <= n_keep + in_cache,
+        "{} cells after settling, budget {n_keep}",
+        used(&ctx)
+    );
+    let store = c.recall_store().expect("recall stays on");
+    let held = store.entries(0, 0).count();
+    assert!(
+        held + n_keep + in_cache >= n,
+        "{held} rows held for later turns"
+    );
+    let kept = fact_kept(&c, &fact);
+    assert!(
+        kept.iter().all(|&k| k > 0),
+        "the copied fact stays: {kept:?}"
+    );
+}
+
 /// With unified layer groups (`--kv-recall-unify`, the CLI's default) every
 /// group writes back and keeps the same chunks, so the fact comes back in
 /// every layer, and in none with fewer of its tokens than the split choice

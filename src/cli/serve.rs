@@ -56,7 +56,8 @@ pub struct ServeArgs {
     #[arg(long = "batch-replies", value_name = "MS", default_value_t = 0)]
     pub batch_replies: u64,
     /// With --kv-recall: a turn's reply is decoded over everything the turn
-    /// brought back (a slot owns its cells anyway), and the compaction to
+    /// brought back, or over all of a prompt that fit its slot (a slot owns
+    /// its cells anyway), and the compaction to
     /// the budget waits for the next turn, scored by the reply's first
     /// --kv-recall-probe tokens instead of a draft.
     #[arg(long = "kv-compact-after-reply", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]

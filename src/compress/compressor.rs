@@ -1004,12 +1004,14 @@ impl Compressor {
         self.finish(ctx, t_all, true, window.len(), budget, full, ms)
     }
 
-    /// The next recalling turn's reply comes before its compaction: it is
-    /// decoded over everything the turn brought back, not only over what the
-    /// budget keeps, and [`Compressor::settle`] compacts once it is in. A
-    /// server's slot owns its cells whatever it keeps, so the reply loses no
-    /// memory to it; recall leaves `reply` cells for it. A turn that recalls
-    /// nothing, or whose reply would not fit, compacts at once.
+    /// The next turn's reply comes before its compaction: it is decoded over
+    /// everything the turn brought back (or, for a prompt that fit its slot
+    /// whole, over all of it), not only over what the budget keeps, and
+    /// [`Compressor::settle`] compacts once it is in. A server's slot owns
+    /// its cells whatever it keeps, so the reply loses no memory to it;
+    /// recall leaves `reply` cells for it. Only with recall on (the evicted
+    /// rows are captured at `settle`); a turn whose reply would not fit
+    /// compacts at once. For [`Compressor::prefill_turn`] only.
     pub fn defer_compaction(&mut self, reply: usize) {
         self.reply_room = Some(reply);
     }
@@ -1231,6 +1233,8 @@ impl Compressor {
             scorer,
             budget,
         );
+        // The room asked for was this turn's; a squeeze later must compact.
+        self.reply_room = None;
         self.recalling = None;
         done
     }
@@ -1610,15 +1614,18 @@ impl Compressor {
             _ => {}
         }
         // A turn whose compaction waits for its reply (`defer_compaction`):
-        // the reply scores the cache at `settle`, so no draft here.
+        // the reply scores the cache at `settle`, so no draft here. With
+        // recall on, a turn that brought nothing back waits too: a prompt
+        // that fit its slot whole is read whole by its reply, as a longer
+        // one reads everything its question brought back.
         let recalling = self.recalling.is_some();
-        let defer = self
-            .reply_room
-            .take()
-            .filter(|&r| recalling && ctx.seq_used(self.seq) + w + r < ctx.seq_capacity());
-        let scores_reply = self.recall_probe > 0 && w > 0 && recalling && rows.is_some();
+        let defer = self.reply_room.take().filter(|&r| {
+            (recalling || self.recall.is_some())
+                && ctx.seq_used(self.seq) + w + r < ctx.seq_capacity()
+        });
+        let scores_reply = self.recall_probe > 0 && w > 0 && rows.is_some();
         let reply_scores = scores_reply && defer.is_some() && prior.is_none();
-        let probing = scores_reply && !reply_scores;
+        let probing = scores_reply && recalling && !reply_scores;
         let mut decoded = ctx.decode_tokens(tail, tail_start, self.seq, true);
         // The draft's attention apart from the window's (for its pins).
         let mut window_scores = None;
