@@ -6,7 +6,7 @@ use clap::Args;
 
 use super::{ChunkArgs, ContextArgs, ModelArgs, RecallArgs};
 use crate::compress::{Budget, Method};
-use crate::serve::engine::ScoreChoice;
+use crate::serve::engine::{ScoreChoice, Share};
 use crate::serve::{EngineConfig, ServeConfig};
 
 #[derive(Debug, Args)]
@@ -62,6 +62,11 @@ pub struct ServeArgs {
     /// --kv-recall-probe tokens instead of a draft.
     #[arg(long = "kv-compact-after-reply", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub compact_after_reply: bool,
+    /// While replies stream, how long the next compression waits after
+    /// one: as long again (half), or as long again for each streaming reply
+    /// (per-reply: every request gets an equal share of the engine).
+    #[arg(long = "decode-share", value_enum, default_value_t = Share::Half)]
+    pub share: Share,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -114,6 +119,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             trace: args.trace.clone().filter(|t| !t.is_empty()),
             batch_replies: std::time::Duration::from_millis(args.batch_replies),
             compact_after_reply: args.compact_after_reply,
+            share: args.share,
         },
         queue: args.queue,
         api_key: args.api_key.clone(),

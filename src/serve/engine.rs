@@ -126,6 +126,23 @@ pub struct EngineConfig {
     /// `--kv-compact-after-reply`: a recalling turn's reply is decoded over
     /// everything the turn brought back; the compaction waits for the next turn.
     pub compact_after_reply: bool,
+    /// `--decode-share`: how much decoding pays a compression back.
+    pub share: Share,
+}
+
+/// How the engine shares itself between compressions and streaming replies
+/// (`--decode-share`). A compression holds every slot up for its whole
+/// length; while replies stream, the next one waits until it is paid back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Share {
+    /// As long again of decoding: the streaming replies together keep at
+    /// least half of the engine.
+    #[default]
+    Half,
+    /// As long again for each streaming reply: every request, streaming or
+    /// waiting for its compression, gets an equal share of the engine, so
+    /// replies are cut less the more of them stream.
+    PerReply,
 }
 
 /// A slot: one sequence, its compressed history and what it is doing.
@@ -313,6 +330,7 @@ pub fn run(
     let mut batch = Batch::new(ctx.n_batch() as usize + cfg.n_slots);
     let mut sched = Schedule {
         batch: cfg.batch_replies,
+        share: cfg.share,
         ..Schedule::default()
     };
     let mut gauges_at = Instant::now();
@@ -429,13 +447,14 @@ fn assign(
             return;
         }
         let job = waiting.pop_front().expect("front exists");
+        let streaming = streaming_now(slots);
         let slot = &mut slots[i];
         // The conversation goes on from its compacted cache; if that
         // compaction fails, the whole conversation is prefilled again.
         let t0 = Instant::now();
         let settled = reuse.is_some() && settle(ctx, slot, metrics);
         if unsettled {
-            sched.compressed(t0);
+            sched.compressed(t0, streaming);
         }
         if !settled {
             // A new conversation (or one whose held-back compaction failed):
@@ -667,6 +686,8 @@ struct Schedule {
     /// How long the last compression took: the next one likely takes as
     /// long, so parked replies do not wait for one that would end past `batch`.
     last: Duration,
+    /// How much decoding pays a compression back.
+    share: Share,
 }
 
 impl Schedule {
@@ -676,11 +697,16 @@ impl Schedule {
         !streaming || self.quiet_until.is_none_or(|t| Instant::now() >= t)
     }
 
-    /// Books a compression that started at `t0` and ends now.
-    fn compressed(&mut self, t0: Instant) {
+    /// Books a compression that started at `t0` and ends now, with
+    /// `streaming` replies generating.
+    fn compressed(&mut self, t0: Instant, streaming: usize) {
         let now = Instant::now();
         self.last = now - t0;
-        self.quiet_until = Some(now + self.last);
+        let times = match self.share {
+            Share::Half => 1,
+            Share::PerReply => streaming.max(1) as u32,
+        };
+        self.quiet_until = Some(now + self.last * times);
     }
 
     /// Whether parked replies start now: no other turn waits for its
@@ -864,7 +890,7 @@ fn step(
         // A recalling turn first ranks its held rows, one pass per step.
         if rank_ahead(ctx, &mut slots[i], metrics, cfg.compact_after_reply) {
             metrics.engine_time(EngineWork::Turn, t0);
-            sched.compressed(t0);
+            sched.compressed(t0, streaming_now(slots));
             return;
         }
         let compresses = slots[i].work.as_ref().is_some_and(|w| w.budget.is_some());
@@ -890,7 +916,7 @@ fn step(
             *since = Instant::now();
         }
         if compresses {
-            sched.compressed(t0);
+            sched.compressed(t0, streaming_now(slots));
             trace(&slots[i], "turn");
         }
         return;
@@ -902,7 +928,7 @@ fn step(
     if let Some(i) = segment {
         prefill_segment(ctx, &mut slots[i], metrics);
         metrics.engine_time(EngineWork::Document, t0);
-        sched.compressed(t0);
+        sched.compressed(t0, streaming_now(slots));
         trace(&slots[i], "segment");
         return;
     }
@@ -910,9 +936,14 @@ fn step(
     if let Some(i) = squeeze {
         squeeze_slot(ctx, &mut slots[i], metrics);
         metrics.engine_time(EngineWork::Document, t0);
-        sched.compressed(t0);
+        sched.compressed(t0, streaming_now(slots));
         trace(&slots[i], "fill");
     }
+}
+
+/// Slots whose replies are generating.
+fn streaming_now(slots: &[Slot]) -> usize {
+    slots.iter().filter(|s| s.streams()).count()
 }
 
 /// Starts every parked reply.
@@ -1331,14 +1362,42 @@ mod tests {
     fn a_compression_is_paid_back_to_streaming_replies_first() {
         let mut sched = Schedule::default();
         assert!(sched.may_compress(true) && sched.may_compress(false));
-        sched.compressed(Instant::now() - Duration::from_millis(200));
+        sched.compressed(Instant::now() - Duration::from_millis(200), 5);
         assert!(!sched.may_compress(true), "replies get the next 200 ms");
+        let quiet = sched.quiet_until.unwrap() - Instant::now();
+        assert!(
+            quiet <= Duration::from_millis(200),
+            "{quiet:?}: once, however many stream"
+        );
         assert!(
             sched.may_compress(false),
             "nothing streams: no reason to wait"
         );
         sched.quiet_until = Some(Instant::now() - Duration::from_millis(1));
         assert!(sched.may_compress(true), "paid back");
+    }
+
+    /// Per reply, a compression is paid back once for each streaming reply
+    /// (at least once), so five streaming replies get five times as long.
+    #[test]
+    fn per_reply_sharing_pays_back_each_streaming_reply() {
+        let mut sched = Schedule {
+            share: Share::PerReply,
+            ..Schedule::default()
+        };
+        sched.compressed(Instant::now() - Duration::from_millis(100), 5);
+        let quiet = sched.quiet_until.unwrap() - Instant::now();
+        assert!(
+            quiet > Duration::from_millis(400) && quiet < Duration::from_millis(600),
+            "{quiet:?}"
+        );
+        assert!(!sched.may_compress(true) && sched.may_compress(false));
+        sched.compressed(Instant::now() - Duration::from_millis(100), 0);
+        let quiet = sched.quiet_until.unwrap() - Instant::now();
+        assert!(
+            quiet <= Duration::from_millis(100),
+            "{quiet:?}: at least once"
+        );
     }
 
     /// Parked replies start once no other turn is near its compression, or
