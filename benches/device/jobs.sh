@@ -23,16 +23,18 @@ mkdir -p /root/w/out
 q8="-ctk q8_0 -ctv q8_0"
 q84="-ctk q8_0 -ctv q4_0"
 rec="-v --kv-recall host -ngl 99 -fa on"
-# q8_0 K, q4_0 V: sets a and b; then sets c and d (conversations 40-79) for the
-# uncompressed reference, q8_0 and q8_0/q4_0, to narrow the per-set spread.
-go q84-t3-a chunkkv "$new" CTX=327680 EXTRA="$rec $q84"
-go q84-t3-b chunkkv "$new" CTX=327680 FIRST=20 EXTRA="$rec $q84"
-go none-t3-c chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST=40
-go q84-t3-c chunkkv "$new" CTX=327680 FIRST=40 EXTRA="$rec $q84"
-go none-t3-d chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST=60
-go q84-t3-d chunkkv "$new" CTX=327680 FIRST=60 EXTRA="$rec $q84"
-go q8-t3-c chunkkv "$new" CTX=250880 FIRST=40 EXTRA="$rec $q8"
-go q8-t3-d chunkkv "$new" CTX=250880 FIRST=60 EXTRA="$rec $q8"
-go q84-t3-a2 chunkkv "$new" CTX=327680 EXTRA="$rec $q84"
-go q84-t3-b2 chunkkv "$new" CTX=327680 FIRST=20 EXTRA="$rec $q84"
+# --decode-share half (the default) against per-reply on q8_0 K / q4_0 V, sets a and b, with the
+# uncompressed reference on the same lease; then the decode-bound middle turn (LONG=256).
+per="--decode-share per-reply"
+go q84-half-a chunkkv "$new" CTX=327680 EXTRA="$rec $q84"
+go q84-per-a chunkkv "$new" CTX=327680 EXTRA="$rec $q84 $per"
+go none-a chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4
+go q84-per-b chunkkv "$new" CTX=327680 FIRST=20 EXTRA="$rec $q84 $per"
+go q84-half-b chunkkv "$new" CTX=327680 FIRST=20 EXTRA="$rec $q84"
+go none-b chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST=20
+go q84-per-a-long chunkkv "$new" CTX=327680 LONG=256 EXTRA="$rec $q84 $per"
+go q84-half-a-long chunkkv "$new" CTX=327680 LONG=256 EXTRA="$rec $q84"
+go none-a-long chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 LONG=256
+go q84-per-c chunkkv "$new" CTX=327680 FIRST=40 EXTRA="$rec $q84 $per"
+go q84-per-d chunkkv "$new" CTX=327680 FIRST=60 EXTRA="$rec $q84 $per"
 echo "$(date -u +%T) all done"
