@@ -29,12 +29,10 @@ per="--decode-share per-reply"
 go q84-half-a chunkkv "$new" CTX=327680 EXTRA="$rec $q84"
 go q84-per-a chunkkv "$new" CTX=327680 EXTRA="$rec $q84 $per"
 go none-a chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4
-go q84-per-b chunkkv "$new" CTX=327680 FIRST=20 EXTRA="$rec $q84 $per"
-go q84-half-b chunkkv "$new" CTX=327680 FIRST=20 EXTRA="$rec $q84"
-go none-b chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST=20
 go q84-per-a-long chunkkv "$new" CTX=327680 LONG=256 EXTRA="$rec $q84 $per"
 go q84-half-a-long chunkkv "$new" CTX=327680 LONG=256 EXTRA="$rec $q84"
 go none-a-long chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 LONG=256
-go q84-per-c chunkkv "$new" CTX=327680 FIRST=40 EXTRA="$rec $q84 $per"
-go q84-per-d chunkkv "$new" CTX=327680 FIRST=60 EXTRA="$rec $q84 $per"
+go q84-per-b chunkkv "$new" CTX=327680 FIRST=20 EXTRA="$rec $q84 $per"
+go q84-half-b chunkkv "$new" CTX=327680 FIRST=20 EXTRA="$rec $q84"
+go none-b chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST=20
 echo "$(date -u +%T) all done"
