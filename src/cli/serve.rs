@@ -65,7 +65,7 @@ pub struct ServeArgs {
     /// While replies stream, how long the next compression waits after
     /// one: as long again (half), or as long again for each streaming reply
     /// (per-reply: every request gets an equal share of the engine).
-    #[arg(long = "decode-share", value_enum, default_value_t = Share::Half)]
+    #[arg(long = "decode-share", value_enum, default_value_t = Share::PerReply)]
     pub share: Share,
 }
 
