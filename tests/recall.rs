@@ -64,6 +64,17 @@ fn load_document(ctx: &mut Context<'_>, c: &mut Compressor, doc: &[Token]) -> us
     n_keep
 }
 
+/// What a server's turn keeps: the history whole, the window, and room to
+/// bring evicted chunks back (as `serve` asks for each turn).
+fn turn_keep() -> Keep {
+    Keep {
+        from: Pos::MAX,
+        history: true,
+        short: true,
+        recall: true,
+    }
+}
+
 fn tok(model: &Model, text: &str, bos: bool) -> Vec<Token> {
     model.tokenize(text, bos, true).expect("tokenize")
 }
@@ -353,12 +364,7 @@ fn a_prompt_that_fits_its_slot_is_read_whole_by_its_reply() {
         .with_recall_probe(8)
         .with_recall_pin(16)
         .with_recall_unify(true);
-    let keep = Keep {
-        from: Pos::MAX,
-        history: true,
-        short: true,
-        recall: true,
-    };
+    let keep = turn_keep();
     c.defer_compaction(16);
     let done = c
         .prefill_turn(
@@ -700,12 +706,7 @@ fn run_ranked_turn(ahead: bool) -> (Vec<Vec<i32>>, usize, usize, usize) {
         // Passes leave the cache as they found it.
         assert_eq!(ctx.seq_pos_max(SEQ), Some(n as i32 - 1));
     }
-    let keep = Keep {
-        from: Pos::MAX,
-        history: true,
-        short: true,
-        recall: true,
-    };
+    let keep = turn_keep();
     c.prefill_turn(
         &mut ctx,
         &ask,

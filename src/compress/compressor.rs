@@ -128,7 +128,7 @@ pub struct Compressor {
     recall: Option<RecallStore>,
     /// The recall of the turn in progress (rows uploaded for its scoring).
     recalling: Option<Recalling>,
-    /// Room for the reply of the next recalling turn, whose compaction then
+    /// Room for the reply of the next turn (recall on), whose compaction then
     /// waits until the reply is in (`defer_compaction`).
     reply_room: Option<usize>,
     /// A compaction waiting for `settle`.
@@ -1620,8 +1620,7 @@ impl Compressor {
         // one reads everything its question brought back.
         let recalling = self.recalling.is_some();
         let defer = self.reply_room.take().filter(|&r| {
-            (recalling || self.recall.is_some())
-                && ctx.seq_used(self.seq) + w + r < ctx.seq_capacity()
+            self.recall.is_some() && ctx.seq_used(self.seq) + w + r < ctx.seq_capacity()
         });
         let scores_reply = self.recall_probe > 0 && w > 0 && rows.is_some();
         let reply_scores = scores_reply && defer.is_some() && prior.is_none();
