@@ -23,16 +23,16 @@ mkdir -p /root/w/out
 q8="-ctk q8_0 -ctv q8_0"
 q84="-ctk q8_0 -ctv q4_0"
 rec="-v --kv-recall host -ngl 99 -fa on"
-# --decode-share half (the default) against per-reply on q8_0 K / q4_0 V, sets a and b, with the
-# uncompressed reference on the same lease; then the decode-bound middle turn (LONG=256).
-per="--decode-share per-reply"
-go q84-half-a chunkkv "$new" CTX=327680 EXTRA="$rec $q84"
-go q84-per-a chunkkv "$new" CTX=327680 EXTRA="$rec $q84 $per"
-go none-a chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4
-go q84-per-a-long chunkkv "$new" CTX=327680 LONG=256 EXTRA="$rec $q84 $per"
-go q84-half-a-long chunkkv "$new" CTX=327680 LONG=256 EXTRA="$rec $q84"
+# Sets a-d (80 conversations) of the uncompressed f16 server and ChunkKV 10% q8_0 K / q4_0 V
+# (per-reply, the default) on one lease, to settle recall >= 90% and decode >= 3x; then the
+# decode-bound middle turn (LONG=256) with and without --stream-batch 512 (one micro-batch).
+sb="--stream-batch 512"
+for set in c:40 d:60 a:0 b:20; do
+  go "q84-${set%%:*}" chunkkv "$new" CTX=327680 FIRST="${set##*:}" EXTRA="$rec $q84"
+  go "none-${set%%:*}" chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST="${set##*:}"
+done
+go q84-a-long-sb chunkkv "$new" CTX=327680 LONG=256 EXTRA="$rec $q84 $sb"
+go none-a-long-sb chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 LONG=256 EXTRA="$rec $sb"
+go q84-a-long chunkkv "$new" CTX=327680 LONG=256 EXTRA="$rec $q84"
 go none-a-long chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 LONG=256
-go q84-per-b chunkkv "$new" CTX=327680 FIRST=20 EXTRA="$rec $q84 $per"
-go q84-half-b chunkkv "$new" CTX=327680 FIRST=20 EXTRA="$rec $q84"
-go none-b chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST=20
 echo "$(date -u +%T) all done"

@@ -67,6 +67,12 @@ pub struct ServeArgs {
     /// (per-reply: every request gets an equal share of the engine).
     #[arg(long = "decode-share", value_enum, default_value_t = Share::PerReply)]
     pub share: Share,
+    /// While replies stream, a step carries at most TOKENS (prompt chunks and
+    /// the replies' tokens together), so a streamed token waits for that much
+    /// prefill instead of a whole -b; say the -ub size for one micro-batch
+    /// [default: -b].
+    #[arg(long = "stream-batch", value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub stream_batch: Option<u32>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -120,6 +126,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             batch_replies: std::time::Duration::from_millis(args.batch_replies),
             compact_after_reply: args.compact_after_reply,
             share: args.share,
+            stream_batch: args.stream_batch.map(|n| n as usize),
         },
         queue: args.queue,
         api_key: args.api_key.clone(),

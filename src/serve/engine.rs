@@ -129,6 +129,10 @@ pub struct EngineConfig {
     pub compact_after_reply: bool,
     /// `--decode-share`: how much decoding pays a compression back.
     pub share: Share,
+    /// `--stream-batch`: the most tokens a step carries while replies
+    /// stream (`None`: the context's `-b`), which bounds a streamed token's
+    /// wait for the prompt chunks decoded with it.
+    pub stream_batch: Option<usize>,
 }
 
 /// How the engine shares itself between compressions and streaming replies
@@ -720,6 +724,18 @@ impl Schedule {
     }
 }
 
+/// Prompt tokens a step may carry next to `replies` reply tokens: what is
+/// left of `-b`, or of `stream_batch` while replies stream, but at least one
+/// small chunk (within `-b`) so prompts still move when replies fill the cap.
+fn prompt_room(n_batch: usize, stream_batch: Option<usize>, replies: usize) -> usize {
+    let cap = match stream_batch {
+        Some(n) if replies > 0 => n.min(n_batch),
+        _ => n_batch,
+    };
+    let left = n_batch.saturating_sub(replies);
+    cap.saturating_sub(replies).max(MIN_CHUNK.min(left))
+}
+
 /// One step: decode tokens of the generating slots and chunks of the
 /// prefilling slots together (up to the context's `-b` tokens in all,
 /// [`PREFILL_CHUNK`] per slot, starting at slot `sched.tick` so none waits
@@ -763,7 +779,7 @@ fn step(
     // the batch has room; a prompt longer than its free cells is compressed
     // after the batch when its chunk would not fit (or, scored by
     // reconstruction, takes a segment): one such compression per step.
-    let mut room = (ctx.n_batch() as usize).saturating_sub(rows.len());
+    let mut room = prompt_room(ctx.n_batch() as usize, cfg.stream_batch, rows.len());
     let mut chunks: Vec<(usize, usize)> = Vec::new();
     let mut segment = None;
     let mut squeeze = None;
@@ -1381,6 +1397,18 @@ mod tests {
         );
         sched.quiet_until = Some(Instant::now() - Duration::from_millis(1));
         assert!(sched.may_compress(true), "paid back");
+    }
+
+    /// `--stream-batch` bounds a step only while replies stream, never past
+    /// `-b`, and always leaves prompts a small chunk.
+    #[test]
+    fn stream_batch_caps_prompt_tokens_only_while_replies_stream() {
+        assert_eq!(prompt_room(2048, None, 5), 2043);
+        assert_eq!(prompt_room(2048, Some(512), 0), 2048);
+        assert_eq!(prompt_room(2048, Some(512), 20), 492);
+        assert_eq!(prompt_room(2048, Some(4096), 20), 2028);
+        assert_eq!(prompt_room(2048, Some(16), 20), MIN_CHUNK);
+        assert_eq!(prompt_room(80, Some(16), 40), 40);
     }
 
     /// Per reply, a compression is paid back once for each streaming reply
