@@ -6,9 +6,11 @@
 //! width and the live bytes really shrink. It can run again on a cache it
 //! already compressed (a later chat turn).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
+
+use rayon::prelude::*;
 
 use super::policy::{HeadCandidates, LayerCandidates, Policy};
 use super::recall::{Evicted, RankMs, RecallError, RecallStore, RecallTurn, StoreMark};
@@ -575,15 +577,22 @@ impl Compressor {
             .saturating_sub(end + incoming + self.recall_probe.max(reply) + 1)
             .min(self.recall_cells);
         let store = self.recall.as_ref()?;
-        // Per layer: held positions not in the cache now, with their scores.
+        // Per layer (in parallel: a 32k-token document holds about 29k rows
+        // per layer): held positions not in the cache now, with their scores.
         let avail: Vec<Vec<(Pos, f32)>> = (0..self.layers.len())
+            .into_par_iter()
             .map(|l| {
-                let on_device: std::collections::HashSet<Pos> = (0..end)
-                    .filter_map(|c| self.slots.position(l, 0, c, &meta))
-                    .collect();
+                let mut on_device: Vec<bool> = Vec::new();
+                for p in (0..end).filter_map(|c| self.slots.position(l, 0, c, &meta)) {
+                    let i = p.max(0) as usize;
+                    if i >= on_device.len() {
+                        on_device.resize(i + 1, false);
+                    }
+                    on_device[i] = true;
+                }
                 store
                     .entries(l, 0)
-                    .filter(|(p, _)| !on_device.contains(p))
+                    .filter(|&(p, _)| !on_device.get(p.max(0) as usize).copied().unwrap_or(false))
                     .collect()
             })
             .collect();
@@ -704,18 +713,20 @@ impl Compressor {
             avail = r.avail;
         }
         let rank_ms = ranked_before + t_rank.elapsed().as_secs_f64() * 1e3;
+        let t_pick = Instant::now();
         if self.recall_unify {
-            let best = best_by_position(avail.iter().flatten().copied());
+            let best = BestByPosition::new(avail.iter().flatten().copied());
             for e in avail.iter_mut().flatten() {
-                e.1 = best[&e.0];
+                e.1 = best.get(e.0);
             }
         }
         let chunk = self.policy.chunk_size().max(1) as Pos;
+        let trail = self.policy.trail();
         let picks: Vec<Vec<Pos>> = avail
-            .into_iter()
+            .into_par_iter()
             .map(|a| {
                 let mut p: Vec<Pos> = if a.len() > n {
-                    top_chunks(a, n, chunk, self.policy.trail())
+                    top_chunks(a, n, chunk, trail)
                 } else {
                     a.into_iter().map(|(p, _)| p).collect()
                 };
@@ -723,26 +734,14 @@ impl Compressor {
                 p
             })
             .collect();
-        let Some(store) = self.recall.as_ref() else {
-            return Ok(false);
-        };
-        // Every head of a layer holds what head 0 holds (ChunkKV).
-        for (l, p) in picks.iter().enumerate() {
-            for h in 1..self.heads[l] {
-                if let Some(&q) = p.iter().find(|&&q| !store.contains(l, h, q)) {
-                    let e = RecallError::Unsupported(format!(
-                        "KV head {h} of storage layer {l} does not hold position {q}"
-                    ));
-                    self.drop_recall(&e);
-                    return Ok(false);
-                }
-            }
-        }
+        // Every head of a layer holds what head 0 holds (ChunkKV); the
+        // upload fails, and recall turns off, if one does not.
         let per_head: Vec<Vec<Vec<Pos>>> = picks
             .iter()
             .enumerate()
             .map(|(l, p)| vec![p.clone(); self.heads[l]])
             .collect();
+        let t_up = Instant::now();
         let uploaded = match self.recall.as_mut() {
             Some(store) => store.upload(ctx, self.seq, end, &per_head),
             None => return Ok(false),
@@ -754,6 +753,7 @@ impl Compressor {
                 return Ok(false);
             }
         };
+        let t_claim = Instant::now();
         // One position per cell for llama.cpp's mask: any held one is older
         // than the turn; the slot table keeps each layer's own.
         if let Err(e) = ctx.kv_claim(KvPart::Base, self.seq, end as u32, &picks[0]) {
@@ -773,6 +773,17 @@ impl Compressor {
             table.push(heads);
         }
         self.slots.replace(table);
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        tracing::debug!(
+            "recall upload (seq {}): listing {:.1} ms, ranking {:.1}, picking {:.1}, \
+             gather and write {:.1}, claim and table {:.1}",
+            self.seq,
+            ms(t, t_rank),
+            ms(t_rank, t_pick),
+            ms(t_pick, t_up),
+            ms(t_up, t_claim),
+            t_claim.elapsed().as_secs_f64() * 1e3
+        );
         self.recalling = Some(Recalling {
             positions: picks,
             stats: RecallTurn {
@@ -1037,12 +1048,14 @@ impl Compressor {
         let done =
             scores.and_then(|imp| self.select_and_compact(ctx, &imp, d.keep, d.n_keep + reply));
         self.recalling = None;
+        let (select, compact) = done.as_ref().map_or((0.0, 0.0), |&(s, c)| (s, c));
         tracing::debug!(
-            "seq {}: held-back compaction after a reply of {reply} tokens, {:.1} ms: scoring {:.1}, select and compact {:.1}",
+            "seq {}: held-back compaction after a reply of {reply} tokens, {:.1} ms: scoring {:.1}, \
+             select {select:.1}, capture {:.1}, compact {compact:.1}",
             self.seq,
             t.elapsed().as_secs_f64() * 1e3,
             (t_compact - t).as_secs_f64() * 1e3,
-            t_compact.elapsed().as_secs_f64() * 1e3
+            (t_compact.elapsed().as_secs_f64() * 1e3 - select - compact).max(0.0)
         );
         done.map(|_| true)
     }
@@ -1878,7 +1891,7 @@ impl Compressor {
                 })
             })
         };
-        let best = best_by_position(
+        let best = BestByPosition::new(
             importance
                 .iter()
                 .enumerate()
@@ -1886,7 +1899,7 @@ impl Compressor {
         );
         for (g, imp) in importance.iter_mut().enumerate() {
             let raises: Vec<(usize, usize, f32)> = cells(g, imp)
-                .map(|(h, c, p)| (h, c, best[&p] - imp.head(h)[c]))
+                .map(|(h, c, p)| (h, c, best.get(p) - imp.head(h)[c]))
                 .filter(|&(_, _, d)| d > 0.0)
                 .collect();
             for (h, c, d) in raises {
@@ -2363,7 +2376,6 @@ fn with_window(s: crate::llama::KvStats, w: usize) -> crate::llama::KvStats {
 /// (one per core) outlive the call: spawning a dozen scoped threads cost
 /// about 0.4 ms per call, twice per compression.
 fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(usize, &T) -> R + Sync + Send) -> Vec<R> {
-    use rayon::prelude::*;
     items.par_iter().enumerate().map(|(i, t)| f(i, t)).collect()
 }
 
@@ -2373,32 +2385,100 @@ fn stats(ctx: &Context<'_>, seq: SeqId) -> Result<crate::llama::KvStats, Compres
 }
 
 /// The highest score each position got among `scores` (layer groups rank
-/// the same positions differently).
-fn best_by_position(scores: impl Iterator<Item = (Pos, f32)>) -> HashMap<Pos, f32> {
-    let mut best: HashMap<Pos, f32> = HashMap::new();
-    for (p, s) in scores {
-        let e = best.entry(p).or_insert(s);
-        *e = e.max(s);
+/// the same positions differently), indexed by position: positions are a
+/// conversation's token indices, dense from 0, and a flat array looks them
+/// up far faster than a hash map over a long document's rows.
+struct BestByPosition(Vec<f32>);
+
+impl BestByPosition {
+    fn new(scores: impl Iterator<Item = (Pos, f32)>) -> Self {
+        let mut best: Vec<f32> = Vec::new();
+        for (p, s) in scores {
+            let i = p.max(0) as usize;
+            if i >= best.len() {
+                best.resize(i + 1, f32::NEG_INFINITY);
+            }
+            best[i] = best[i].max(s);
+        }
+        Self(best)
     }
-    best
+
+    /// The best score of a position that was among the scores.
+    fn get(&self, p: Pos) -> f32 {
+        self.0[p.max(0) as usize]
+    }
 }
 
 /// The `n` positions of the best chunks (`chunk` positions each, ranked by
-/// their summed scores after `trail`), the last chunk cut to fit.
+/// their summed scores after `trail`; ties go to the earlier chunk), the
+/// last chunk cut to fit (its earliest positions kept). One sort and flat
+/// runs: a 32k-token document holds about 29k rows per layer.
 fn top_chunks(mut rows: Vec<(Pos, f32)>, n: usize, chunk: Pos, trail: usize) -> Vec<Pos> {
+    rows.sort_unstable_by_key(|&(p, _)| p);
     if trail > 0 {
-        rows.sort_unstable_by_key(|&(p, _)| p);
         let (pos, score): (Vec<Pos>, Vec<f32>) = rows.iter().copied().unzip();
         let carried = super::chunkkv::trail_max(&score, &pos, trail);
-        rows = pos.into_iter().zip(carried).collect();
+        for (r, c) in rows.iter_mut().zip(carried) {
+            r.1 = c;
+        }
     }
-    let mut chunks: BTreeMap<Pos, (f32, Vec<Pos>)> = BTreeMap::new();
-    for (p, s) in rows {
-        let e = chunks.entry(p / chunk).or_default();
-        e.0 += s;
-        e.1.push(p);
+    // (summed score, first row, end row) of each chunk, in position order.
+    let mut runs: Vec<(f32, usize, usize)> = Vec::new();
+    for (i, &(p, s)) in rows.iter().enumerate() {
+        match runs.last_mut() {
+            Some(run) if rows[run.1].0 / chunk == p / chunk => {
+                run.0 += s;
+                run.2 = i + 1;
+            }
+            _ => runs.push((s, i, i + 1)),
+        }
     }
-    let mut ranked: Vec<(f32, Vec<Pos>)> = chunks.into_values().collect();
-    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
-    ranked.into_iter().flat_map(|(_, p)| p).take(n).collect()
+    // Stable: equal sums keep position order.
+    runs.sort_by(|a, b| b.0.total_cmp(&a.0));
+    runs.iter()
+        .flat_map(|&(_, a, b)| rows[a..b].iter().map(|r| r.0))
+        .take(n)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chunks rank by their summed scores whatever order the rows come in;
+    /// equal sums go to the earlier chunk; the last chunk is cut to fit.
+    #[test]
+    fn top_chunks_ranks_whole_chunks_by_summed_score() {
+        // Chunks of 4: 0..4 sums 4, 4..8 sums 8, 8..12 sums 4, 12..14 (two rows) sums 10.
+        let mut rows: Vec<(Pos, f32)> = (0..12)
+            .map(|p| (p, if p < 4 || p >= 8 { 1.0 } else { 2.0 }))
+            .collect();
+        rows.extend([(12, 5.0), (13, 5.0)]);
+        rows.reverse();
+        assert_eq!(top_chunks(rows.clone(), 6, 4, 0), vec![12, 13, 4, 5, 6, 7]);
+        // The tie between chunks 0 and 2 goes to chunk 0, cut to two rows.
+        assert_eq!(top_chunks(rows, 8, 4, 0), vec![12, 13, 4, 5, 6, 7, 0, 1]);
+    }
+
+    /// With `trail`, a row scores at least the best of the rows up to
+    /// `trail` positions before it, so a peak lifts the chunk after it.
+    #[test]
+    fn top_chunks_carries_peaks_forward_by_trail() {
+        let mut rows: Vec<(Pos, f32)> = (0..8).map(|p| (p, 0.0)).collect();
+        rows[3].1 = 10.0;
+        rows[6].1 = 3.0;
+        // Without trail chunk 0 (10) beats chunk 1 (3); with a trail of 2,
+        // positions 4 and 5 carry the 10, 6 and 7 the 3: chunk 1 sums 26 against 10.
+        assert_eq!(top_chunks(rows.clone(), 4, 4, 0), vec![0, 1, 2, 3]);
+        assert_eq!(top_chunks(rows, 4, 4, 2), vec![4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn best_by_position_keeps_each_positions_maximum() {
+        let best =
+            BestByPosition::new([(3, 1.0), (0, -2.0), (3, 4.0), (1, 0.5), (3, 2.0)].into_iter());
+        assert_eq!(best.get(3), 4.0);
+        assert_eq!(best.get(0), -2.0);
+        assert_eq!(best.get(1), 0.5);
+    }
 }

@@ -1076,6 +1076,20 @@ fn compress_window(
                 .recalled
                 .fetch_add(c.recalled_total() - recalled, Ordering::Relaxed);
             done.map(|done| {
+                let ms = &done.report.ms;
+                tracing::debug!(
+                    "seq {}: turn of {} tokens, {:.1} ms: scoring {:.1} (read-back {:.1}), \
+                     select {:.1}, compact {:.1}, cells {} -> {}",
+                    s.seq,
+                    tail.len(),
+                    done.ms,
+                    ms.importance,
+                    ms.readback,
+                    ms.select,
+                    ms.compact,
+                    done.report.cells_before,
+                    done.report.cells_after
+                );
                 if done.compressed {
                     metrics.compressions.fetch_add(1, Ordering::Relaxed);
                 }
