@@ -2451,7 +2451,7 @@ mod tests {
     fn top_chunks_ranks_whole_chunks_by_summed_score() {
         // Chunks of 4: 0..4 sums 4, 4..8 sums 8, 8..12 sums 4, 12..14 (two rows) sums 10.
         let mut rows: Vec<(Pos, f32)> = (0..12)
-            .map(|p| (p, if p < 4 || p >= 8 { 1.0 } else { 2.0 }))
+            .map(|p| (p, if (4..8).contains(&p) { 2.0 } else { 1.0 }))
             .collect();
         rows.extend([(12, 5.0), (13, 5.0)]);
         rows.reverse();
