@@ -701,3 +701,65 @@ fn replies_to_turns_that_arrive_together_start_together() {
         "the first compressed of the two turns waits for the other\n{log}"
     );
 }
+
+/// With `--stream-batch`, a document's prompt goes in small chunks while
+/// another reply streams, and both still come whole: the stream to its
+/// `[DONE]`, the document's reply with its whole prompt counted.
+#[test]
+fn a_document_goes_in_small_chunks_while_a_reply_streams() {
+    let server = Server::start(
+        "smollm2-135m",
+        &[
+            "-c",
+            "4096",
+            "-np",
+            "2",
+            "--kv-method",
+            "none",
+            "--stream-batch",
+            "64",
+        ],
+    );
+    let url = server.url("/v1/chat/completions");
+    let stream = serde_json::json!({
+        "messages": [{"role": "user", "content": "Count from one to forty in words."}],
+        "max_tokens": 48, "temperature": 0, "stream": true,
+    })
+    .to_string();
+    let streaming = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            curl(&[
+                "-N",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &stream,
+                &url,
+            ])
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let doc = chat_body(
+        &format!("Here is a text. {}\nWhat is it about?", essays(6000)),
+        8,
+    );
+    let (status, body) = post(&server, "/v1/chat/completions", &doc, &[]);
+    assert_eq!(status, 200, "{body}\n{}", server.log());
+    let prompt = json(&body)["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt > 1000, "{body}");
+    let (status, events) = streaming.join().unwrap();
+    assert_eq!(status, 200, "{events}\n{}", server.log());
+    assert!(events.trim_end().ends_with("data: [DONE]"), "{events}");
+    let words: String = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| {
+            json(d)["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert!(!words.trim().is_empty(), "{events}");
+}

@@ -69,7 +69,7 @@ pub struct ServeArgs {
     pub share: Share,
     /// While replies stream, a step carries at most TOKENS (prompt chunks and
     /// the replies' tokens together), so a streamed token waits for that much
-    /// prefill instead of a whole -b; say the -ub size for one micro-batch
+    /// prefill instead of a whole -b; the -ub size caps it at one micro-batch
     /// [default: -b].
     #[arg(long = "stream-batch", value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
     pub stream_batch: Option<u32>,
