@@ -1821,7 +1821,9 @@ impl Compressor {
     /// layer are comparable with another's: each draft query spreads one unit
     /// of attention (sum) or pays at most one (max).
     fn draft_pins(&self, meta: &[Option<Pos>], draft: &[LayerImportance], before: Pos) -> Vec<Pos> {
-        let mut best: BTreeMap<Pos, f32> = BTreeMap::new();
+        // The best score per position, indexed by position (every cell of
+        // every leader layer and head: a flat array, not a map).
+        let mut best = vec![0.0f32; before.max(0) as usize];
         for (g, group) in self.groups.groups().iter().enumerate() {
             let Some(imp) = draft.get(g) else { continue };
             let leader = group[0];
@@ -1831,16 +1833,14 @@ impl Compressor {
                     let Some(p) = self.slots.position(leader, h, c, meta) else {
                         continue;
                     };
-                    if p >= before {
-                        continue;
+                    if let Some(b) = usize::try_from(p).ok().and_then(|i| best.get_mut(i)) {
+                        *b = b.max(s);
                     }
-                    let e = best.entry(p).or_insert(0.0);
-                    *e = e.max(s);
                 }
             }
         }
         // A draft that ended at once attended to nothing: nothing to pin.
-        let mut ranked: Vec<(Pos, f32)> = best.into_iter().filter(|&(_, s)| s > 0.0).collect();
+        let mut ranked: Vec<(Pos, f32)> = (0..).zip(best).filter(|&(_, s)| s > 0.0).collect();
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
         ranked.truncate(self.recall_pin);
         ranked.into_iter().map(|(p, _)| p).collect()
