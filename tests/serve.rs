@@ -120,6 +120,20 @@ fn metric(server: &Server, name: &str) -> f64 {
         .sum()
 }
 
+/// The text of a streamed chat completion: its chunks' `delta.content`, joined.
+fn streamed_text(events: &str) -> String {
+    events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| {
+            json(d)["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
 fn chat_body(content: &str, max_tokens: usize) -> Value {
     serde_json::json!({
         "model": "whatever",
@@ -684,16 +698,7 @@ fn replies_to_turns_that_arrive_together_start_together() {
     let (status, events) = &replies[1];
     assert_eq!(*status, 200, "{events}\n{log}");
     assert!(events.trim_end().ends_with("data: [DONE]"), "{events}");
-    let streamed: String = events
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| {
-            json(d)["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect();
+    let streamed = streamed_text(events);
     assert!(!streamed.trim().is_empty(), "{events}");
     assert_eq!(
         metric(&server, "chunkkv_replies_batched_total"),
@@ -751,15 +756,6 @@ fn a_document_goes_in_small_chunks_while_a_reply_streams() {
     let (status, events) = streaming.join().unwrap();
     assert_eq!(status, 200, "{events}\n{}", server.log());
     assert!(events.trim_end().ends_with("data: [DONE]"), "{events}");
-    let words: String = events
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| {
-            json(d)["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect();
+    let words = streamed_text(&events);
     assert!(!words.trim().is_empty(), "{events}");
 }

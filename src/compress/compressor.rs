@@ -1821,26 +1821,30 @@ impl Compressor {
     /// layer are comparable with another's: each draft query spreads one unit
     /// of attention (sum) or pays at most one (max).
     fn draft_pins(&self, meta: &[Option<Pos>], draft: &[LayerImportance], before: Pos) -> Vec<Pos> {
-        // The best score per position, indexed by position (every cell of
-        // every leader layer and head: a flat array, not a map).
-        let mut best = vec![0.0f32; before.max(0) as usize];
-        for (g, group) in self.groups.groups().iter().enumerate() {
-            let Some(imp) = draft.get(g) else { continue };
-            let leader = group[0];
-            for h in 0..self.heads[leader] {
-                let scores = imp.head(h.min(imp.n_heads().saturating_sub(1)));
-                for (c, &s) in scores.iter().enumerate().take(meta.len()) {
-                    let Some(p) = self.slots.position(leader, h, c, meta) else {
-                        continue;
-                    };
-                    if let Some(b) = usize::try_from(p).ok().and_then(|i| best.get_mut(i)) {
-                        *b = b.max(s);
-                    }
-                }
-            }
-        }
+        let scored = self
+            .groups
+            .groups()
+            .iter()
+            .zip(draft)
+            .flat_map(|(group, imp)| {
+                let leader = group[0];
+                (0..self.heads[leader]).flat_map(move |h| {
+                    let scores = imp.head(h.min(imp.n_heads().saturating_sub(1)));
+                    scores
+                        .iter()
+                        .take(meta.len())
+                        .enumerate()
+                        .filter_map(move |(c, &s)| {
+                            let p = self.slots.position(leader, h, c, meta)?;
+                            (p < before).then_some((p, s))
+                        })
+                })
+            });
         // A draft that ended at once attended to nothing: nothing to pin.
-        let mut ranked: Vec<(Pos, f32)> = (0..).zip(best).filter(|&(_, s)| s > 0.0).collect();
+        let mut ranked: Vec<(Pos, f32)> = BestByPosition::new(scored)
+            .iter()
+            .filter(|&(_, s)| s > 0.0)
+            .collect();
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
         ranked.truncate(self.recall_pin);
         ranked.into_iter().map(|(p, _)| p).collect()
@@ -2407,6 +2411,13 @@ impl BestByPosition {
     fn get(&self, p: Pos) -> f32 {
         self.0[p.max(0) as usize]
     }
+
+    /// Every position that was among the scores, with its best, in order.
+    fn iter(&self) -> impl Iterator<Item = (Pos, f32)> + '_ {
+        (0..)
+            .zip(self.0.iter().copied())
+            .filter(|&(_, s)| s > f32::NEG_INFINITY)
+    }
 }
 
 /// The `n` positions of the best chunks (`chunk` positions each, ranked by
@@ -2480,5 +2491,9 @@ mod tests {
         assert_eq!(best.get(3), 4.0);
         assert_eq!(best.get(0), -2.0);
         assert_eq!(best.get(1), 0.5);
+        assert_eq!(
+            best.iter().collect::<Vec<_>>(),
+            vec![(0, -2.0), (1, 0.5), (3, 4.0)]
+        );
     }
 }
