@@ -24,16 +24,10 @@ q8="-ctk q8_0 -ctv q8_0"
 q84="-ctk q8_0 -ctv q4_0"
 rec="-v --kv-recall host -ngl 99 -fa on"
 # Sets a-d (80 conversations) of the uncompressed f16 server and ChunkKV 10% q8_0 K / q4_0 V
-# (per-reply, the default) on one lease, for recall >= 90% and decode >= 3x; then the
-# decode-bound middle turn (LONG=256) with and without --stream-batch 512 (one micro-batch).
+# (per-reply, the default) on one lease, for recall >= 90% and decode >= 3x.
 # At 39e6a54 on an H200: 2.79x decode, 103.6% recall; again for the host work cut at 61599d6.
-sb="--stream-batch 512"
 for set in c:40 d:60 a:0 b:20; do
   go "q84-${set%%:*}" chunkkv "$new" CTX=327680 FIRST="${set##*:}" EXTRA="$rec $q84"
   go "none-${set%%:*}" chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST="${set##*:}"
 done
-go q84-a-long-sb chunkkv "$new" CTX=327680 LONG=256 EXTRA="$rec $q84 $sb"
-go none-a-long-sb chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 LONG=256 EXTRA="$rec $sb"
-go q84-a-long chunkkv "$new" CTX=327680 LONG=256 EXTRA="$rec $q84"
-go none-a-long chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 LONG=256
 echo "$(date -u +%T) all done"
