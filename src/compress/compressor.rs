@@ -853,6 +853,7 @@ impl Compressor {
             self.rank_bytes += store.upload(ctx, self.seq, end, &part)?;
             self.rank_ms.upload += t_up.elapsed().as_secs_f64() * 1e3;
             self.rank_ms.passes += 1;
+            let t_claim = Instant::now();
             ctx.kv_claim(KvPart::Base, self.seq, end as u32, &part[0][0])
                 .map_err(RecallError::Rows)?;
             let mut t = Vec::with_capacity(part.len());
@@ -880,7 +881,8 @@ impl Compressor {
             let t_dec = Instant::now();
             let decoded = ctx.decode_tokens(&r.window, at, self.seq, false);
             ctx.importance_end();
-            self.rank_ms.decode += t_dec.elapsed().as_secs_f64() * 1e3;
+            let t_rm = Instant::now();
+            self.rank_ms.decode += (t_rm - t_dec).as_secs_f64() * 1e3;
             // The window and the batch leave again whatever happened.
             let removed = ctx.seq_rm(self.seq, at, -1);
             let freed = ctx.kv_free(KvPart::Base, self.seq, end as u32, b as u32);
@@ -894,7 +896,8 @@ impl Compressor {
             freed.map_err(RecallError::Rows)?;
             let t_read = Instant::now();
             let scores = self.read_importance(ctx)?;
-            self.rank_ms.read += t_read.elapsed().as_secs_f64() * 1e3;
+            let t_score = Instant::now();
+            self.rank_ms.read += (t_score - t_read).as_secs_f64() * 1e3;
             // Every pass shares the kept cells: a batch row's attention over
             // the attention the kept cells got in the same pass does not
             // depend on what else the batch held (the softmax's normalizer
@@ -909,6 +912,18 @@ impl Compressor {
                     entry.1 = imp.heads().zip(&kept).map(|(s, m)| s[end + k] / m).sum();
                 }
             }
+            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            tracing::debug!(
+                "rank pass (seq {}, {b} rows): upload {:.1} ms, claim and table {:.1}, \
+                 decode {:.1}, remove {:.1}, read {:.1}, score {:.1}",
+                self.seq,
+                ms(t_up, t_claim),
+                ms(t_claim, t_dec),
+                ms(t_dec, t_rm),
+                ms(t_rm, t_read),
+                ms(t_read, t_score),
+                t_score.elapsed().as_secs_f64() * 1e3
+            );
             r.next += b;
             passes += 1;
         }
@@ -1072,10 +1087,21 @@ impl Compressor {
         let Some(r) = scores else {
             return Ok(importance);
         };
-        if let Some(draft) = self.score_reply(ctx, &r.reply, last + 1)? {
+        let t = Instant::now();
+        let draft = self.score_reply(ctx, &r.reply, last + 1)?;
+        let t_merge = Instant::now();
+        if let Some(draft) = draft {
             importance = self.with_draft(ctx, importance, draft, r.window_start);
         }
+        let t_unify = Instant::now();
         self.unify(ctx, &mut importance);
+        tracing::debug!(
+            "seq {}: the reply scored: decode {:.1} ms, merge and pins {:.1}, unify {:.1}",
+            self.seq,
+            (t_merge - t).as_secs_f64() * 1e3,
+            (t_unify - t_merge).as_secs_f64() * 1e3,
+            t_unify.elapsed().as_secs_f64() * 1e3
+        );
         Ok(importance)
     }
 
