@@ -309,6 +309,12 @@ def main():
         # Aggregate decode throughput: tokens after each reply's first, over the
         # time at least one reply was streaming (prefill before a first token is not in it).
         "decode_tok_s": stats.decode_tokens / max(union_length(stats.decode_spans), 1e-9),
+        "decode_span_s": union_length(stats.decode_spans),
+        # Replies streaming at once, on average while any streams: the rate
+        # is about one reply's over the whole span times this.
+        "streams_mean": sum(b - a for a, b in stats.decode_spans) / max(union_length(stats.decode_spans), 1e-9),
+        # Each reply's (first, last) token, in seconds from the load's start.
+        "decode_spans": [(a - t0, b - t0) for a, b in sorted(stats.decode_spans)],
         "ttft_p50_s": percentile(stats.ttft, 50),
         "ttft_p99_s": percentile(stats.ttft, 99),
         "token_p50_ms": percentile(stats.gaps, 50) * 1e3,

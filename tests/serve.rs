@@ -705,6 +705,15 @@ fn replies_to_turns_that_arrive_together_start_together() {
         1.0,
         "the first compressed of the two turns waits for the other\n{log}"
     );
+    // Started together, the two replies share their steps.
+    let (steps, rows) = (
+        metric(&server, "chunkkv_reply_steps_total"),
+        metric(&server, "chunkkv_reply_tokens_decoded_total"),
+    );
+    assert!(
+        steps > 0.0 && rows > steps,
+        "{rows} reply tokens in {steps} steps\n{log}"
+    );
 }
 
 /// With `--stream-batch`, a document's prompt goes in small chunks while

@@ -23,11 +23,14 @@ mkdir -p /root/w/out
 q8="-ctk q8_0 -ctv q8_0"
 q84="-ctk q8_0 -ctv q4_0"
 rec="-v --kv-recall host -ngl 99 -fa on"
-# Sets a-d (80 conversations) of the uncompressed f16 server and ChunkKV 10% q8_0 K / q4_0 V
-# (per-reply, the default) on one lease, for recall >= 90% and decode >= 3x.
-# At 39e6a54 on an H200: 2.79x decode, 103.6% recall; again for the host work cut at 61599d6.
+# Sets a-d on one lease: the uncompressed f16 server, ChunkKV 10% q8_0 K / q4_0 V as is, and
+# with --batch-replies 1500 (replies parked until the turns near theirs are compressed, so
+# they stream together: the JSON's streams_mean says how many do). At d0119fe a recalling
+# turn's recall took about 0.1 s (0.26 s at 39e6a54), yet decode was 2.20x: the suspect is
+# replies that stream apart (docs/results/serve-load.md, "The host cut on the H200").
 for set in c:40 d:60 a:0 b:20; do
   go "q84-${set%%:*}" chunkkv "$new" CTX=327680 FIRST="${set##*:}" EXTRA="$rec $q84"
+  go "q84-br-${set%%:*}" chunkkv "$new" CTX=327680 FIRST="${set##*:}" EXTRA="$rec $q84 --batch-replies 1500"
   go "none-${set%%:*}" chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST="${set##*:}"
 done
 echo "$(date -u +%T) all done"

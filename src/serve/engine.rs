@@ -879,6 +879,17 @@ fn step(
     if !batch.is_empty() {
         metrics.engine_time(EngineWork::Batch, t_batch);
     }
+    if !rows.is_empty() {
+        metrics.reply_steps.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .reply_rows
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        if !chunks.is_empty() {
+            metrics
+                .reply_steps_with_prompt
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
     // One compression per step. First a slot whose head is in (its client
     // waits for the first token): its window, scored, then compaction. A
     // slot without compression only decodes its window: never held back.

@@ -55,6 +55,12 @@ pub struct Metrics {
     pub batched: AtomicU64,
     /// Ranking passes a turn ran ahead, one engine step each.
     pub rank_passes: AtomicU64,
+    /// Engine steps that decoded reply tokens, those tokens, and the steps
+    /// among them that also carried prompt chunks: how many replies stream
+    /// together, and how often they share a step with prefill.
+    pub reply_steps: AtomicU64,
+    pub reply_rows: AtomicU64,
+    pub reply_steps_with_prompt: AtomicU64,
     /// Nanoseconds of engine time per [`EngineWork`].
     engine_ns: [AtomicU64; 4],
 }
@@ -128,6 +134,21 @@ impl Metrics {
             "chunkkv_replies_batched_total",
             "Replies that waited for other turns' compressions, to decode with them in one batch.",
             self.batched.load(Ordering::Relaxed),
+        );
+        counter(
+            "chunkkv_reply_steps_total",
+            "Engine steps that decoded reply tokens.",
+            self.reply_steps.load(Ordering::Relaxed),
+        );
+        counter(
+            "chunkkv_reply_tokens_decoded_total",
+            "Reply tokens those steps decoded (over the steps: replies streaming together).",
+            self.reply_rows.load(Ordering::Relaxed),
+        );
+        counter(
+            "chunkkv_reply_steps_with_prompt_total",
+            "Steps that decoded reply tokens beside prompt chunks (their streamed tokens waited for prefill).",
+            self.reply_steps_with_prompt.load(Ordering::Relaxed),
         );
         counter(
             "chunkkv_requests_rejected_total",
