@@ -1847,14 +1847,15 @@ impl Compressor {
     /// layer are comparable with another's: each draft query spreads one unit
     /// of attention (sum) or pays at most one (max).
     fn draft_pins(&self, meta: &[Option<Pos>], draft: &[LayerImportance], before: Pos) -> Vec<Pos> {
-        let scored = self
-            .groups
-            .groups()
-            .iter()
-            .zip(draft)
-            .flat_map(|(group, imp)| {
-                let leader = group[0];
-                (0..self.heads[leader]).flat_map(move |h| {
+        // Per leader layer on all cores (every cell of every KV head), then
+        // the best of them.
+        let groups = self.groups.groups();
+        let best = draft
+            .par_iter()
+            .enumerate()
+            .filter_map(|(g, imp)| {
+                let leader = *groups.get(g)?.first()?;
+                let scored = (0..self.heads[leader]).flat_map(|h| {
                     let scores = imp.head(h.min(imp.n_heads().saturating_sub(1)));
                     scores
                         .iter()
@@ -1864,11 +1865,14 @@ impl Compressor {
                             let p = self.slots.position(leader, h, c, meta)?;
                             (p < before).then_some((p, s))
                         })
-                })
-            });
+                });
+                Some(BestByPosition::new(scored))
+            })
+            .reduce_with(BestByPosition::max);
         // A draft that ended at once attended to nothing: nothing to pin.
-        let mut ranked: Vec<(Pos, f32)> = BestByPosition::new(scored)
+        let mut ranked: Vec<(Pos, f32)> = best
             .iter()
+            .flat_map(BestByPosition::iter)
             .filter(|&(_, s)| s > 0.0)
             .collect();
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -1884,32 +1888,37 @@ impl Compressor {
         importance: &mut [LayerImportance],
         pins: &[Pos],
     ) {
-        if pins.is_empty() {
+        let Some(&last) = pins.iter().max() else {
             return;
+        };
+        let mut pinned = vec![false; last.max(0) as usize + 1];
+        for &p in pins {
+            pinned[p.max(0) as usize] = true;
         }
-        let pins: std::collections::BTreeSet<Pos> = pins.iter().copied().collect();
-        for (g, group) in self.groups.groups().iter().enumerate() {
-            let Some(imp) = importance.get_mut(g) else {
-                continue;
+        let is_pinned = |p: Pos| p >= 0 && pinned.get(p as usize).copied().unwrap_or(false);
+        let groups = self.groups.groups();
+        importance.par_iter_mut().enumerate().for_each(|(g, imp)| {
+            let Some(&leader) = groups.get(g).and_then(|group| group.first()) else {
+                return;
             };
-            let leader = group[0];
             for h in 0..imp.n_heads() {
                 let hh = h.min(self.heads[leader].saturating_sub(1));
                 for c in 0..meta.len().min(imp.n_cells()) {
                     if self
                         .slots
                         .position(leader, hh, c, meta)
-                        .is_some_and(|p| pins.contains(&p))
+                        .is_some_and(is_pinned)
                     {
                         imp.raise(h, c, PINNED);
                     }
                 }
             }
-        }
+        });
     }
 
     /// Raises every cell's score in each leader layer to the most any
     /// leader layer gave its position ([`Compressor::with_recall_unify`]).
+    /// Layers in parallel: every cell of every leader layer and KV head.
     fn unify_groups(&self, meta: &[Option<Pos>], importance: &mut [LayerImportance]) {
         let cells = |g: usize, imp: &LayerImportance| {
             let leader = self.groups.groups()[g][0];
@@ -1921,13 +1930,15 @@ impl Compressor {
                 })
             })
         };
-        let best = BestByPosition::new(
-            importance
-                .iter()
-                .enumerate()
-                .flat_map(|(g, imp)| cells(g, imp).map(move |(h, c, p)| (p, imp.head(h)[c]))),
-        );
-        for (g, imp) in importance.iter_mut().enumerate() {
+        let Some(best) = importance
+            .par_iter()
+            .enumerate()
+            .map(|(g, imp)| BestByPosition::new(cells(g, imp).map(|(h, c, p)| (p, imp.head(h)[c]))))
+            .reduce_with(BestByPosition::max)
+        else {
+            return;
+        };
+        importance.par_iter_mut().enumerate().for_each(|(g, imp)| {
             let raises: Vec<(usize, usize, f32)> = cells(g, imp)
                 .map(|(h, c, p)| (h, c, best.get(p) - imp.head(h)[c]))
                 .filter(|&(_, _, d)| d > 0.0)
@@ -1935,7 +1946,7 @@ impl Compressor {
             for (h, c, d) in raises {
                 imp.raise(h, c, d);
             }
-        }
+        });
     }
 
     /// Greedy reply tokens from `at` on, one decode each, while importance
@@ -2433,6 +2444,19 @@ impl BestByPosition {
         Self(best)
     }
 
+    /// Each position's best of both.
+    fn max(self, other: Self) -> Self {
+        let (mut long, short) = if self.0.len() >= other.0.len() {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        for (a, b) in long.0.iter_mut().zip(short.0) {
+            *a = a.max(b);
+        }
+        long
+    }
+
     /// The best score of a position that was among the scores.
     fn get(&self, p: Pos) -> f32 {
         self.0[p.max(0) as usize]
@@ -2521,5 +2545,18 @@ mod tests {
             best.iter().collect::<Vec<_>>(),
             vec![(0, -2.0), (1, 0.5), (3, 4.0)]
         );
+    }
+
+    #[test]
+    fn best_by_position_merges_layers_by_each_positions_maximum() {
+        let a = || BestByPosition::new([(0, -2.0), (1, 0.5), (3, 4.0)].into_iter());
+        let b = || BestByPosition::new([(1, 3.0), (0, -5.0), (5, 1.0)].into_iter());
+        // Either order, either length first: the same merge.
+        for merged in [a().max(b()), b().max(a())] {
+            assert_eq!(
+                merged.iter().collect::<Vec<_>>(),
+                vec![(0, -2.0), (1, 3.0), (3, 4.0), (5, 1.0)]
+            );
+        }
     }
 }
