@@ -296,6 +296,7 @@ def main():
     wall = time.perf_counter() - t0
     done.set()
     refused = sum(stats.refused.values())
+    span = max(union_length(stats.decode_spans), 1e-9)
     row = {
         "label": args.label,
         "conversations": args.conversations,
@@ -308,11 +309,11 @@ def main():
         "agg_tok_s": stats.tokens / wall,
         # Aggregate decode throughput: tokens after each reply's first, over the
         # time at least one reply was streaming (prefill before a first token is not in it).
-        "decode_tok_s": stats.decode_tokens / max(union_length(stats.decode_spans), 1e-9),
-        "decode_span_s": union_length(stats.decode_spans),
+        "decode_tok_s": stats.decode_tokens / span,
+        "decode_span_s": span,
         # Replies streaming at once, on average while any streams: the rate
         # is about one reply's over the whole span times this.
-        "streams_mean": sum(b - a for a, b in stats.decode_spans) / max(union_length(stats.decode_spans), 1e-9),
+        "streams_mean": sum(b - a for a, b in stats.decode_spans) / span,
         # Each reply's (first, last) token, in seconds from the load's start.
         "decode_spans": [(a - t0, b - t0) for a, b in sorted(stats.decode_spans)],
         "ttft_p50_s": percentile(stats.ttft, 50),

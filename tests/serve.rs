@@ -106,6 +106,22 @@ fn post(server: &Server, path: &str, body: &Value, extra: &[&str]) -> (u16, Stri
     curl(&args)
 }
 
+/// `body` posted to `url` on a thread of its own (`-N`: a stream's events
+/// as they come), for requests that must overlap.
+fn post_in_background(url: &str, body: &Value) -> std::thread::JoinHandle<(u16, String)> {
+    let (url, body) = (url.to_string(), body.to_string());
+    std::thread::spawn(move || {
+        curl(&[
+            "-N",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+            &url,
+        ])
+    })
+}
+
 fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
@@ -658,12 +674,7 @@ fn replies_to_turns_that_arrive_together_start_together() {
         &format!("Here is a text. {}\nWhat is it about?", &text[8000..]),
         8,
     );
-    let background = {
-        let (url, body) = (url.clone(), doc.to_string());
-        std::thread::spawn(move || {
-            curl(&["-H", "content-type: application/json", "-d", &body, &url])
-        })
-    };
+    let background = post_in_background(&url, &doc);
     std::thread::sleep(Duration::from_millis(500));
     let requests: Vec<_> = convs
         .iter()
@@ -672,17 +683,7 @@ fn replies_to_turns_that_arrive_together_start_together() {
             let body = serde_json::json!({
                 "messages": messages, "max_tokens": 8, "temperature": 0, "stream": k == 1,
             });
-            let (url, body) = (url.clone(), body.to_string());
-            std::thread::spawn(move || {
-                curl(&[
-                    "-N",
-                    "-H",
-                    "content-type: application/json",
-                    "-d",
-                    &body,
-                    &url,
-                ])
-            })
+            post_in_background(&url, &body)
         })
         .collect();
     let replies: Vec<(u16, String)> = requests.into_iter().map(|h| h.join().unwrap()).collect();
@@ -738,21 +739,8 @@ fn a_document_goes_in_small_chunks_while_a_reply_streams() {
     let stream = serde_json::json!({
         "messages": [{"role": "user", "content": "Count from one to forty in words."}],
         "max_tokens": 48, "temperature": 0, "stream": true,
-    })
-    .to_string();
-    let streaming = {
-        let url = url.clone();
-        std::thread::spawn(move || {
-            curl(&[
-                "-N",
-                "-H",
-                "content-type: application/json",
-                "-d",
-                &stream,
-                &url,
-            ])
-        })
-    };
+    });
+    let streaming = post_in_background(&url, &stream);
     std::thread::sleep(Duration::from_millis(300));
     let doc = chat_body(
         &format!("Here is a text. {}\nWhat is it about?", essays(6000)),

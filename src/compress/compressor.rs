@@ -773,7 +773,6 @@ impl Compressor {
             table.push(heads);
         }
         self.slots.replace(table);
-        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
         tracing::debug!(
             "recall upload (seq {}): listing {:.1} ms, ranking {:.1}, picking {:.1}, \
              gather and write {:.1}, claim and table {:.1}",
@@ -912,7 +911,6 @@ impl Compressor {
                     entry.1 = imp.heads().zip(&kept).map(|(s, m)| s[end + k] / m).sum();
                 }
             }
-            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
             tracing::debug!(
                 "rank pass (seq {}, {b} rows): upload {:.1} ms, claim and table {:.1}, \
                  decode {:.1}, remove {:.1}, read {:.1}, score {:.1}",
@@ -922,7 +920,7 @@ impl Compressor {
                 ms(t_dec, t_rm),
                 ms(t_rm, t_read),
                 ms(t_read, t_score),
-                t_score.elapsed().as_secs_f64() * 1e3
+                ms(t_score, Instant::now())
             );
             r.next += b;
             passes += 1;
@@ -1098,9 +1096,9 @@ impl Compressor {
         tracing::debug!(
             "seq {}: the reply scored: decode {:.1} ms, merge and pins {:.1}, unify {:.1}",
             self.seq,
-            (t_merge - t).as_secs_f64() * 1e3,
-            (t_unify - t_merge).as_secs_f64() * 1e3,
-            t_unify.elapsed().as_secs_f64() * 1e3
+            ms(t, t_merge),
+            ms(t_merge, t_unify),
+            ms(t_unify, Instant::now())
         );
         Ok(importance)
     }
@@ -1892,10 +1890,10 @@ impl Compressor {
             return;
         };
         let mut pinned = vec![false; last.max(0) as usize + 1];
-        for &p in pins {
-            pinned[p.max(0) as usize] = true;
+        for &p in pins.iter().filter(|&&p| p >= 0) {
+            pinned[p as usize] = true;
         }
-        let is_pinned = |p: Pos| p >= 0 && pinned.get(p as usize).copied().unwrap_or(false);
+        let is_pinned = |p: Pos| usize::try_from(p).is_ok_and(|i| pinned.get(i) == Some(&true));
         let groups = self.groups.groups();
         importance.par_iter_mut().enumerate().for_each(|(g, imp)| {
             let Some(&leader) = groups.get(g).and_then(|group| group.first()) else {
@@ -2418,6 +2416,11 @@ fn with_window(s: crate::llama::KvStats, w: usize) -> crate::llama::KvStats {
 /// about 0.4 ms per call, twice per compression.
 fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(usize, &T) -> R + Sync + Send) -> Vec<R> {
     items.par_iter().enumerate().map(|(i, t)| f(i, t)).collect()
+}
+
+/// Milliseconds from `a` to `b`, for the phase logs.
+fn ms(a: Instant, b: Instant) -> f64 {
+    (b - a).as_secs_f64() * 1e3
 }
 
 fn stats(ctx: &Context<'_>, seq: SeqId) -> Result<crate::llama::KvStats, CompressError> {
