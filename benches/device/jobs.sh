@@ -33,4 +33,8 @@ for set in c:40 d:60 a:0 b:20; do
   go "q84-br-${set%%:*}" chunkkv "$new" CTX=327680 FIRST="${set##*:}" EXTRA="$rec $q84 --batch-replies 1500"
   go "none-${set%%:*}" chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST="${set##*:}"
 done
+# If time is left: a longer wait, on two sets.
+for set in c:40 a:0; do
+  go "q84-br3-${set%%:*}" chunkkv "$new" CTX=327680 FIRST="${set##*:}" EXTRA="$rec $q84 --batch-replies 3000"
+done
 echo "$(date -u +%T) all done"
