@@ -23,18 +23,22 @@ mkdir -p /root/w/out
 q8="-ctk q8_0 -ctv q8_0"
 q84="-ctk q8_0 -ctv q4_0"
 rec="-v --kv-recall host -ngl 99 -fa on"
-# Sets a-d on one lease: the uncompressed f16 server, ChunkKV 10% q8_0 K / q4_0 V as is, and
-# with --batch-replies 1500 (replies parked until the turns near theirs are compressed, so
-# they stream together: the JSON's streams_mean says how many do). At d0119fe a recalling
-# turn's recall took about 0.1 s (0.26 s at 39e6a54), yet decode was 2.20x: the suspect is
-# replies that stream apart (docs/results/serve-load.md, "The host cut on the H200").
-for set in c:40 d:60 a:0 b:20; do
-  go "q84-${set%%:*}" chunkkv "$new" CTX=327680 FIRST="${set##*:}" EXTRA="$rec $q84"
-  go "q84-br-${set%%:*}" chunkkv "$new" CTX=327680 FIRST="${set##*:}" EXTRA="$rec $q84 --batch-replies 1500"
-  go "none-${set%%:*}" chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST="${set##*:}"
-done
-# If time is left: a longer wait, on two sets.
-for set in c:40 a:0; do
-  go "q84-br3-${set%%:*}" chunkkv "$new" CTX=327680 FIRST="${set##*:}" EXTRA="$rec $q84 --batch-replies 3000"
-done
+# Replies first (--decode-share replies): on the H100 lease at 575b72d the compressed server's
+# decode steps carried 1.06 replies each and almost never prompt chunks, yet a 13-token reply's
+# span averaged 110 ms against about 40 ms of steps: the rest were other slots' compressions
+# (three ranking passes, turns, held-back compactions), each paid back too briefly to keep a
+# reply whole. Here no compression starts while replies stream (for at most 500 ms).
+# Baselines of that lease (H100): per-reply and the uncompressed server on sets a, c, d.
+gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+if echo "$gpu" | grep -q H100; then
+  for set in a:0 c:40 d:60; do
+    go "q84-rf-${set%%:*}" chunkkv "$new" CTX=327680 FIRST="${set##*:}" EXTRA="$rec $q84 --decode-share replies"
+  done
+  go "q84-a" chunkkv "$new" CTX=327680 FIRST=0 EXTRA="$rec $q84"
+else
+  for set in a:0 c:40; do
+    go "q84-rf-${set%%:*}" chunkkv "$new" CTX=327680 FIRST="${set##*:}" EXTRA="$rec $q84 --decode-share replies"
+    go "none-${set%%:*}" chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST="${set##*:}"
+  done
+fi
 echo "$(date -u +%T) all done"

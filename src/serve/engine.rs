@@ -150,7 +150,18 @@ pub enum Share {
     /// as fast with short ones (docs/results/serve-load.md, "Shares").
     #[default]
     PerReply,
+    /// Replies first: while replies stream, a compression waits as with
+    /// `PerReply` and in any case [`REPLIES_FIRST_WAIT`] from when it is
+    /// first held. A short reply then streams without a stall, however
+    /// finely its neighbours' turns are cut into steps (three ranking
+    /// passes of 40 ms, the turn, a held-back compaction on a GPU), and a
+    /// long one still lets turns in twice a second.
+    Replies,
 }
+
+/// With `--decode-share replies`, the longest a compression waits for the
+/// streaming replies before it runs anyway.
+pub const REPLIES_FIRST_WAIT: Duration = Duration::from_millis(500);
 
 /// A slot: one sequence, its compressed history and what it is doing.
 struct Slot {
@@ -451,6 +462,7 @@ fn assign(
                 .as_ref()
                 .is_some_and(Compressor::unsettled);
         if unsettled && !sched.may_compress(slots.iter().any(Slot::streams)) {
+            sched.hold();
             return;
         }
         let job = waiting.pop_front().expect("front exists");
@@ -695,13 +707,37 @@ struct Schedule {
     last: Duration,
     /// How much decoding pays a compression back.
     share: Share,
+    /// Since when a compression has waited for streaming replies
+    /// (`Share::Replies`).
+    held_since: Option<Instant>,
 }
 
 impl Schedule {
     /// Whether a compression may run now, `streaming` telling whether any
     /// slot is generating.
     fn may_compress(&self, streaming: bool) -> bool {
-        !streaming || self.quiet_until.is_none_or(|t| Instant::now() >= t)
+        if !streaming {
+            return true;
+        }
+        match self.share {
+            Share::Replies => {
+                self.paid_back()
+                    && self
+                        .held_since
+                        .is_some_and(|t| t.elapsed() >= REPLIES_FIRST_WAIT)
+            }
+            Share::Half | Share::PerReply => self.paid_back(),
+        }
+    }
+
+    /// The last compression's quiet time is over.
+    fn paid_back(&self) -> bool {
+        self.quiet_until.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// A compression could run but waits for the streaming replies.
+    fn hold(&mut self) {
+        self.held_since.get_or_insert_with(Instant::now);
     }
 
     /// Books a compression that started at `t0` and ends now, with
@@ -709,9 +745,10 @@ impl Schedule {
     fn compressed(&mut self, t0: Instant, streaming: usize) {
         let now = Instant::now();
         self.last = now - t0;
+        self.held_since = None;
         let times = match self.share {
             Share::Half => 1,
-            Share::PerReply => streaming.max(1) as u32,
+            Share::PerReply | Share::Replies => streaming.max(1) as u32,
         };
         self.quiet_until = Some(now + self.last * times);
     }
@@ -952,6 +989,14 @@ fn step(
         return;
     }
     if !may {
+        let waits = segment.is_some()
+            || squeeze.is_some()
+            || slots
+                .iter()
+                .any(|s| s.work.as_ref().is_some_and(|w| w.awaits_turn()));
+        if waits {
+            sched.hold();
+        }
         return;
     }
     // A prompt that does not fit the free cells: one segment, compressed.
@@ -1457,6 +1502,37 @@ mod tests {
             quiet < Duration::from_millis(150),
             "{quiet:?}: at least once"
         );
+    }
+
+    /// Replies first: while replies stream a compression waits, however
+    /// long the last one took, until it has waited `REPLIES_FIRST_WAIT`;
+    /// the clock starts when it is first held and stops when one runs.
+    #[test]
+    fn replies_first_holds_compressions_while_replies_stream() {
+        let mut sched = Schedule {
+            share: Share::Replies,
+            ..Schedule::default()
+        };
+        assert!(!sched.may_compress(true), "a reply streams: wait");
+        assert!(sched.may_compress(false), "none streams: no reason to wait");
+        sched.hold();
+        let first = sched.held_since.unwrap();
+        sched.hold();
+        assert_eq!(
+            sched.held_since,
+            Some(first),
+            "the wait counts from the first hold"
+        );
+        assert!(!sched.may_compress(true));
+        sched.held_since = Some(Instant::now() - REPLIES_FIRST_WAIT);
+        assert!(sched.may_compress(true), "waited long enough: runs anyway");
+        sched.compressed(Instant::now() - Duration::from_millis(10), 3);
+        assert!(sched.held_since.is_none());
+        assert!(!sched.may_compress(true), "the next one waits again");
+        // A compression longer than the wait is paid back per reply first.
+        sched.compressed(Instant::now() - Duration::from_millis(400), 2);
+        sched.held_since = Some(Instant::now() - REPLIES_FIRST_WAIT);
+        assert!(!sched.may_compress(true), "800 ms of payback are not over");
     }
 
     /// Parked replies start once no other turn is near its compression, or
