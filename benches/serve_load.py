@@ -66,6 +66,7 @@ class Stats:
         self.answers = []
         # (first token, last token) of every reply, and its tokens after the first
         self.decode_spans = []
+        self.replies = []
         self.decode_tokens = 0
 
 
@@ -172,6 +173,7 @@ def conversation(args, i, doc, code, stats):
             stats.tokens += n
             if span is not None:
                 stats.decode_spans.append(span)
+                stats.replies.append((span[0], span[1], i, k, n))
                 stats.decode_tokens += max(n - 1, 0)
         messages.append({"role": "assistant", "content": text})
     with stats.lock:
@@ -285,6 +287,7 @@ def main():
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     t0 = time.perf_counter()
+    t0_unix = time.time()
     threads = [
         threading.Thread(target=conversation, args=(args, i, docs[k], codes[k], stats))
         for k, i in enumerate(ids)
@@ -316,6 +319,13 @@ def main():
         "streams_mean": sum(b - a for a, b in stats.decode_spans) / span,
         # Each reply's (first, last) token, in seconds from the load's start.
         "decode_spans": [(a - t0, b - t0) for a, b in sorted(stats.decode_spans)],
+        # The same per reply, with its conversation, turn and tokens; and the
+        # load's start in Unix seconds, to line them up with a `-v` server log.
+        "replies": [
+            {"conversation": i, "turn": k, "first_s": a - t0, "last_s": b - t0, "tokens": n}
+            for a, b, i, k, n in sorted(stats.replies)
+        ],
+        "start_unix": t0_unix,
         "ttft_p50_s": percentile(stats.ttft, 50),
         "ttft_p99_s": percentile(stats.ttft, 99),
         "token_p50_ms": percentile(stats.gaps, 50) * 1e3,

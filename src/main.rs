@@ -27,13 +27,22 @@ fn init_logging(verbose: u8) {
                 LevelFilter::WARN
             },
         );
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_target(false)
-                .without_time(),
-        )
-        .with(filter)
-        .init();
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    // With -v, wall-clock times (UTC): a server's phase log lines up with
+    // its clients' timings (benches/serve_load.py records its start too).
+    if verbose > 0 {
+        let layer = layer.with_timer(tracing_subscriber::fmt::time::SystemTime);
+        tracing_subscriber::registry()
+            .with(layer)
+            .with(filter)
+            .init();
+    } else {
+        let layer = layer.without_time();
+        tracing_subscriber::registry()
+            .with(layer)
+            .with(filter)
+            .init();
+    }
 }
