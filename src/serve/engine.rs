@@ -154,8 +154,8 @@ pub enum Share {
     /// `PerReply` and in any case [`REPLIES_FIRST_WAIT`] from when it is
     /// first held. A short reply then streams without a stall, however
     /// finely its neighbours' turns are cut into steps (three ranking
-    /// passes of 40 ms, the turn, a held-back compaction on a GPU), and a
-    /// long one still lets turns in twice a second.
+    /// passes of 40 ms, the turn, a held-back compaction on a GPU), while a
+    /// long one still lets a turn in every half second or so.
     Replies,
 }
 
@@ -1504,9 +1504,9 @@ mod tests {
         );
     }
 
-    /// Replies first: while replies stream a compression waits, however
-    /// long the last one took, until it has waited `REPLIES_FIRST_WAIT`;
-    /// the clock starts when it is first held and stops when one runs.
+    /// Replies first: while replies stream a compression waits until it
+    /// has waited `REPLIES_FIRST_WAIT` and the last one is paid back per
+    /// reply; the clock starts when it is first held and stops when one runs.
     #[test]
     fn replies_first_holds_compressions_while_replies_stream() {
         let mut sched = Schedule {
