@@ -64,8 +64,8 @@ class Stats:
         self.served = 0
         self.recalled = 0
         self.answers = []
-        # (first token, last token) of every reply, and its tokens after the first
-        self.decode_spans = []
+        # (first token, last token, conversation, turn, tokens) of every reply,
+        # and the replies' tokens after their first
         self.replies = []
         self.decode_tokens = 0
 
@@ -172,8 +172,7 @@ def conversation(args, i, doc, code, stats):
             stats.gaps.extend(gaps)
             stats.tokens += n
             if span is not None:
-                stats.decode_spans.append(span)
-                stats.replies.append((span[0], span[1], i, k, n))
+                stats.replies.append((*span, i, k, n))
                 stats.decode_tokens += max(n - 1, 0)
         messages.append({"role": "assistant", "content": text})
     with stats.lock:
@@ -299,7 +298,8 @@ def main():
     wall = time.perf_counter() - t0
     done.set()
     refused = sum(stats.refused.values())
-    span = max(union_length(stats.decode_spans), 1e-9)
+    spans = sorted((a, b) for a, b, *_ in stats.replies)
+    span = max(union_length(spans), 1e-9)
     row = {
         "label": args.label,
         "conversations": args.conversations,
@@ -316,9 +316,9 @@ def main():
         "decode_span_s": span,
         # Replies streaming at once, on average while any streams: the rate
         # is about one reply's over the whole span times this.
-        "streams_mean": sum(b - a for a, b in stats.decode_spans) / span,
+        "streams_mean": sum(b - a for a, b in spans) / span,
         # Each reply's (first, last) token, in seconds from the load's start.
-        "decode_spans": [(a - t0, b - t0) for a, b in sorted(stats.decode_spans)],
+        "decode_spans": [(a - t0, b - t0) for a, b in spans],
         # The same per reply, with its conversation, turn and tokens; and the
         # load's start in Unix seconds, to line them up with a `-v` server log.
         "replies": [

@@ -32,17 +32,15 @@ fn init_logging(verbose: u8) {
         .with_target(false);
     // With -v, wall-clock times (UTC): a server's phase log lines up with
     // its clients' timings (benches/serve_load.py records its start too).
-    if verbose > 0 {
-        let layer = layer.with_timer(tracing_subscriber::fmt::time::SystemTime);
-        tracing_subscriber::registry()
-            .with(layer)
-            .with(filter)
-            .init();
+    let layer = if verbose > 0 {
+        layer
+            .with_timer(tracing_subscriber::fmt::time::SystemTime)
+            .boxed()
     } else {
-        let layer = layer.without_time();
-        tracing_subscriber::registry()
-            .with(layer)
-            .with(filter)
-            .init();
-    }
+        layer.without_time().boxed()
+    };
+    tracing_subscriber::registry()
+        .with(layer)
+        .with(filter)
+        .init();
 }

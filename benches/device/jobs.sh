@@ -27,7 +27,8 @@ rec="-v --kv-recall host -ngl 99 -fa on"
 # decode steps carried 1.06 replies each and almost never prompt chunks, yet a 13-token reply's
 # span averaged 110 ms against about 40 ms of steps: the rest were other slots' compressions
 # (three ranking passes, turns, held-back compactions), each paid back too briefly to keep a
-# reply whole. Here no compression starts while replies stream (for at most 500 ms).
+# reply whole. Here a compression waits for streaming replies unless it has waited 500 ms and
+# the per-reply payback is over.
 # Baselines of that lease (H100): per-reply and the uncompressed server on sets a, c, d.
 gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 if echo "$gpu" | grep -q H100; then

@@ -8,9 +8,8 @@ cp -r .gpu/data /root/w/data
 cd /root/w/b
 # Libraries a lease before built from the same source (libs.sh, libs-in.sh) save the build.
 key="$(bash "$OLDPWD/benches/device/key.sh")"
-if [ -e "/root/w/libs-$key.txz" ] && xz -t "/root/w/libs-$key.txz"; then
-  xz -dc "/root/w/libs-$key.txz" | tar -xf - && echo "built: carried libraries $key" > /root/w/build.log
-  cat /root/w/build.log
+if [ -e "/root/w/libs-$key.txz" ] && xz -dc "/root/w/libs-$key.txz" | tar -xf -; then
+  echo "built: carried libraries $key" | tee /root/w/build.log
 else
   echo "no libraries for $key: building"
   setsid nohup bash build.sh > /root/w/build.log 2>&1 < /dev/null &

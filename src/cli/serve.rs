@@ -65,7 +65,8 @@ pub struct ServeArgs {
     /// While replies stream, how long the next compression waits after
     /// one: as long again (half), or as long again for each streaming reply
     /// (per-reply: every request gets an equal share of the engine), or
-    /// until no reply streams, at most 500 ms (replies: first).
+    /// until no reply streams, unless it has waited 500 ms and the per-reply
+    /// payback is over (replies: first).
     #[arg(long = "decode-share", value_enum, default_value_t = Share::PerReply)]
     pub share: Share,
     /// While replies stream, a step carries at most TOKENS (prompt chunks and
