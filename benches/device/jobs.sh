@@ -29,13 +29,16 @@ rec="-v --kv-recall host -ngl 99 -fa on"
 # (three ranking passes, turns, held-back compactions), each paid back too briefly to keep a
 # reply whole. Here a compression waits for streaming replies unless it has waited 500 ms and
 # the per-reply payback is over.
-# Baselines of that lease (H100): per-reply and the uncompressed server on sets a, c, d.
+# Baselines of that lease (H100): per-reply and the uncompressed server on sets a, c, d; this
+# lease repeats both on set a.
 gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 if echo "$gpu" | grep -q H100; then
-  for set in a:0 c:40 d:60; do
+  go "q84-rf-a" chunkkv "$new" CTX=327680 FIRST=0 EXTRA="$rec $q84 --decode-share replies"
+  go "q84-a" chunkkv "$new" CTX=327680 FIRST=0 EXTRA="$rec $q84"
+  for set in c:40 d:60; do
     go "q84-rf-${set%%:*}" chunkkv "$new" CTX=327680 FIRST="${set##*:}" EXTRA="$rec $q84 --decode-share replies"
   done
-  go "q84-a" chunkkv "$new" CTX=327680 FIRST=0 EXTRA="$rec $q84"
+  go "none-a" chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST=0
 else
   for set in a:0 c:40; do
     go "q84-rf-${set%%:*}" chunkkv "$new" CTX=327680 FIRST="${set##*:}" EXTRA="$rec $q84 --decode-share replies"
