@@ -524,7 +524,7 @@ fn generate_bindings(source: &Path, out_dir: &Path) -> Result<(), String> {
         .allowlist_function("llama_.*")
         .allowlist_type("llama_.*")
         .allowlist_function(
-            "ggml_backend_(dev|reg)_.*|ggml_backend_load_all|ggml_backend_register|ggml_backend_rpc_.*|ggml_type_name|ggml_log_set|ggml_set_abort_callback",
+            "ggml_backend_(dev|reg)_.*|ggml_backend_buft_alloc_buffer|ggml_backend_buffer_(get_base|free)|ggml_backend_load_all|ggml_backend_register|ggml_backend_rpc_.*|ggml_type_name|ggml_log_set|ggml_set_abort_callback",
         )
         .allowlist_type("ggml_type|ggml_log_level|ggml_backend_dev_type|ggml_backend_feature")
         .prepend_enum_name(false)

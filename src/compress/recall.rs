@@ -13,8 +13,11 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use crate::llama::{Context, KvLayerLayout, KvPart, Pos, RowsError, SeqId};
+use crate::llama::{
+    mib, Backend, Context, HostBuffer, KvLayerLayout, KvPart, Pos, RowsError, SeqId,
+};
 
 /// Most bytes of read buffers a thread keeps between captures.
 const KEPT_READS: usize = 256 << 20;
@@ -24,9 +27,51 @@ thread_local! {
     static READS: std::cell::RefCell<Vec<LayerRead>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// One layer's rows as the device holds them: K, then V (rows, or runs per
-/// dimension when transposed).
-type DeviceRows = (Vec<u8>, Vec<u8>);
+/// Where uploads gather their rows: one buffer for the process (compressions
+/// run one at a time), grown as needed, in the GPU's pinned host memory when
+/// there is one.
+static STAGING: Mutex<Staging> = Mutex::new(Staging {
+    pinned: None,
+    heap: Vec::new(),
+    no_pinned: false,
+});
+
+/// Upload staging memory: pinned when the GPU offers it, else ordinary.
+struct Staging {
+    pinned: Option<HostBuffer>,
+    heap: Vec<u8>,
+    /// No pinned memory was to be had: do not ask again.
+    no_pinned: bool,
+}
+
+impl Staging {
+    /// `len` bytes to gather into (contents unspecified).
+    fn take(&mut self, len: usize) -> &mut [u8] {
+        if !self.no_pinned && self.pinned.as_ref().is_none_or(|b| b.len() < len) {
+            // Grown by half again, so a slowly rising need does not reallocate
+            // (pinning pages costs about as much as copying them).
+            let want = len + len / 2;
+            self.pinned = None;
+            self.pinned = HostBuffer::for_gpu(Backend::init(), want);
+            self.no_pinned = self.pinned.is_none();
+            if let Some(b) = &self.pinned {
+                tracing::debug!(
+                    "recall uploads: {:.1} MiB of pinned staging",
+                    mib(b.len() as u64)
+                );
+            }
+        }
+        match self.pinned.as_mut() {
+            Some(b) => &mut b.as_mut_slice()[..len],
+            None => {
+                if self.heap.len() < len {
+                    self.heap.resize(len, 0);
+                }
+                &mut self.heap[..len]
+            }
+        }
+    }
+}
 
 /// A row about to be evicted: its cell, position and importance.
 pub type Evicted = (usize, Pos, f32);
@@ -141,6 +186,15 @@ impl LayerRows {
     /// Bytes of one record: a KV head's K row, then its V row.
     fn record(&self) -> usize {
         self.layout.k_head_bytes + self.layout.v_head_bytes
+    }
+
+    /// Bytes of `n` cells' K rows and V rows on the device.
+    fn device_bytes(&self, n: usize) -> (usize, usize) {
+        let lay = self.layout;
+        (
+            n * lay.n_head_kv * lay.k_head_bytes,
+            n * lay.n_head_kv * lay.v_head_bytes,
+        )
     }
 
     /// Appends the records of `heads`' entries not held yet to host memory;
@@ -485,38 +539,44 @@ impl RecallStore {
         } else {
             rayon::current_num_threads()
         };
-        let layers: Vec<usize> = (0..picks.len()).collect();
+        let rows = |l: usize| picks[l].first().map_or(0, Vec::len);
+        let layers: Vec<usize> = (0..picks.len()).filter(|&l| rows(l) > 0).collect();
+        let mut staging = STAGING.lock().unwrap_or_else(|e| e.into_inner());
         for chunk in layers.chunks(group) {
-            let bufs: Vec<Result<DeviceRows, RecallError>> = if self.disk.is_some() {
-                chunk
-                    .iter()
-                    .map(|&l| {
-                        let records = self.head_records(l, &picks[l])?;
-                        Ok(
-                            self.gather(l, picks[l].first().map_or(0, Vec::len), |h, i| {
-                                &records[h][i * self.layers[l].record()..]
-                            }),
-                        )
-                    })
-                    .collect()
+            let sizes: Vec<(usize, usize)> = chunk
+                .iter()
+                .map(|&l| self.layers[l].device_bytes(rows(l)))
+                .collect();
+            let total = sizes.iter().map(|(k, v)| k + v).sum();
+            // Each layer's K and V rows, laid out as the device holds them.
+            let mut parts: Vec<(usize, &mut [u8], &mut [u8])> = Vec::with_capacity(chunk.len());
+            let mut rest = staging.take(total);
+            for (&l, &(kb, vb)) in chunk.iter().zip(&sizes) {
+                let (k, tail) = rest.split_at_mut(kb);
+                let (v, tail) = tail.split_at_mut(vb);
+                parts.push((l, k, v));
+                rest = tail;
+            }
+            if self.disk.is_some() {
+                for (l, k, v) in parts.iter_mut() {
+                    let records = self.head_records(*l, &picks[*l])?;
+                    let rec = self.layers[*l].record();
+                    self.gather(*l, rows(*l), |h, i| &records[h][i * rec..], k, v);
+                }
             } else {
                 use rayon::prelude::*;
-                chunk
-                    .par_iter()
-                    .map(|&l| self.gather_host(l, &picks[l]))
-                    .collect()
-            };
-            for (&l, buf) in chunk.iter().zip(bufs) {
-                let (k, v) = buf?;
-                if k.is_empty() {
-                    continue;
-                }
+                parts
+                    .par_iter_mut()
+                    .map(|(l, k, v)| self.gather_host(*l, &picks[*l], k, v))
+                    .collect::<Result<Vec<()>, RecallError>>()?;
+            }
+            for (l, k, v) in parts {
                 let lay = self.layers[l].layout;
-                let n = picks[l][0].len();
+                let n = rows(l);
                 let k_row = lay.k_head_bytes * lay.n_head_kv;
-                ctx.kv_write(KvPart::Base, seq, l, false, c0 * k_row, &k)?;
+                ctx.kv_write(KvPart::Base, seq, l, false, c0 * k_row, k)?;
                 moved += k.len() as u64;
-                if lay.v_head_bytes == 0 {
+                if v.is_empty() {
                     continue;
                 }
                 if lay.v_trans {
@@ -527,7 +587,7 @@ impl RecallStore {
                     }
                 } else {
                     let v_row = lay.v_head_bytes * lay.n_head_kv;
-                    ctx.kv_write(KvPart::Base, seq, l, true, c0 * v_row, &v)?;
+                    ctx.kv_write(KvPart::Base, seq, l, true, c0 * v_row, v)?;
                 }
                 moved += v.len() as u64;
             }
@@ -545,7 +605,13 @@ impl RecallStore {
 
     /// Layer `l`'s K rows and V (rows, or one run per dimension when
     /// transposed) for `heads[h]`'s positions, straight from host memory.
-    fn gather_host(&self, l: usize, heads: &[Vec<Pos>]) -> Result<DeviceRows, RecallError> {
+    fn gather_host(
+        &self,
+        l: usize,
+        heads: &[Vec<Pos>],
+        k: &mut [u8],
+        v: &mut [u8],
+    ) -> Result<(), RecallError> {
         let n = heads.first().map_or(0, Vec::len);
         let rec = self.layers[l].record();
         let ids: Vec<Vec<usize>> = (0..self.layers[l].layout.n_head_kv)
@@ -563,27 +629,30 @@ impl RecallStore {
                     .collect()
             })
             .collect::<Result<_, _>>()?;
-        Ok(self.gather(l, n, |h, i| {
-            &self.layers[l].heads[h].data[ids[h][i] * rec..]
-        }))
+        self.gather(
+            l,
+            n,
+            |h, i| &self.layers[l].heads[h].data[ids[h][i] * rec..],
+            k,
+            v,
+        );
+        Ok(())
     }
 
     /// Lays `n` records per KV head (`record(h, i)`: head `h`'s `i`-th, K
-    /// then V) out as the device holds them: K rows by cell, V rows by cell
-    /// or, transposed, `n` elements per V dimension.
+    /// then V) out into `k` and `v` ([`LayerRows::device_bytes`] long) as
+    /// the device holds them: K rows by cell, V rows by cell or, transposed,
+    /// `n` elements per V dimension.
     fn gather<'a>(
         &self,
         l: usize,
         n: usize,
         record: impl Fn(usize, usize) -> &'a [u8],
-    ) -> DeviceRows {
-        if n == 0 {
-            return (Vec::new(), Vec::new());
-        }
+        k: &mut [u8],
+        v: &mut [u8],
+    ) {
         let lay = self.layers[l].layout;
         let (kb, vb, nh) = (lay.k_head_bytes, lay.v_head_bytes, lay.n_head_kv);
-        let mut k = vec![0u8; n * nh * kb];
-        let mut v = vec![0u8; n * nh * vb];
         let e = lay.v_elem_bytes().max(1);
         for h in 0..nh {
             for i in 0..n {
@@ -605,7 +674,6 @@ impl RecallStore {
                 }
             }
         }
-        (k, v)
     }
 
     /// The records of `pos` (all held) for layer `l`, head `h`, back to back.

@@ -6,6 +6,7 @@ mod batch;
 mod context;
 mod detok;
 mod error;
+mod host_buffer;
 mod kv;
 mod model;
 mod sampler;
@@ -18,6 +19,7 @@ pub use detok::StreamDecoder;
 pub use error::{
     ChatTemplateError, ContextError, DecodeError, LoadError, RpcError, StateError, TokenizeError,
 };
+pub use host_buffer::HostBuffer;
 pub use kv::{
     mib, CompactError, DeadSlots, ImportanceAllocError, KvLayerLayout, KvPart, KvStats,
     LayerImportance, RowsError, ScoreReduce, ScoreRows,
