@@ -31,7 +31,9 @@ rec="-v --kv-recall host -ngl 99 -fa on"
 # the per-reply payback is over. With --batch-replies 1500 as well, replies parked while turns
 # wait for their compressions then stream together, uncut (rfb). Each set runs replies-first,
 # both together, and per-reply (this lease's baseline); sets a and c the uncompressed server too.
-# A compressed run takes about 40 s, an uncompressed one about 70 s (H100).
+# A compressed run takes about 40 s, an uncompressed one about 70 s (H100). From de03380 on, recall
+# uploads gather into pinned host memory: compare the `rank pass` and `recall upload` lines' upload
+# times with the H100 lease of 575b72d (12-19 ms a pass, 14-18 ms gather and write).
 for set in a:0 c:40 d:60; do
   s="${set%%:*}" first="${set##*:}"
   go "q84-rf-$s" chunkkv "$new" CTX=327680 FIRST="$first" EXTRA="$rec $q84 --decode-share replies"
