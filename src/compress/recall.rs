@@ -19,17 +19,13 @@ use crate::llama::{
     mib, Backend, Context, HostBuffer, KvLayerLayout, KvPart, Pos, RowsError, SeqId,
 };
 
-/// Most bytes of read buffers a thread keeps between captures.
-const KEPT_READS: usize = 256 << 20;
+/// Most bytes of staging kept between transfers: a capture of a long chat's
+/// whole cache is not worth holding on to.
+const KEPT_STAGING: usize = 256 << 20;
 
-thread_local! {
-    /// Each thread's read buffers, kept from one capture to the next.
-    static READS: std::cell::RefCell<Vec<LayerRead>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Where uploads gather their rows: one buffer for the process (compressions
-/// run one at a time), grown as needed, in the GPU's pinned host memory when
-/// there is one.
+/// Where captures read rows and uploads gather them: one buffer for the
+/// process (compressions run one at a time), grown as needed, in the GPU's
+/// pinned host memory when there is one.
 static STAGING: Mutex<Staging> = Mutex::new(Staging {
     pinned: None,
     heap: Vec::new(),
@@ -69,6 +65,16 @@ impl Staging {
                 }
                 &mut self.heap[..len]
             }
+        }
+    }
+
+    /// Frees a buffer grown past [`KEPT_STAGING`].
+    fn trim(&mut self) {
+        if self.pinned.as_ref().is_some_and(|b| b.len() > KEPT_STAGING) {
+            self.pinned = None;
+        }
+        if self.heap.len() > KEPT_STAGING {
+            self.heap = Vec::new();
         }
     }
 }
@@ -199,7 +205,7 @@ impl LayerRows {
 
     /// Appends the records of `heads`' entries not held yet to host memory;
     /// returns the bytes added.
-    fn keep_in_memory(&mut self, read: &LayerRead, heads: &[Vec<Evicted>]) -> u64 {
+    fn keep_in_memory(&mut self, read: &LayerRead<'_>, heads: &[Vec<Evicted>]) -> u64 {
         let lay = self.layout;
         let size = self.record();
         let mut added = 0u64;
@@ -222,21 +228,32 @@ impl LayerRows {
 
 /// Storage layer rows read from the device for one capture: K rows from
 /// cell `lo` on, V rows from cell `v_lo` on (or the whole transposed V).
-#[derive(Default)]
-struct LayerRead {
-    k: Vec<u8>,
+struct LayerRead<'a> {
+    k: &'a [u8],
     lo: usize,
-    v: Vec<u8>,
+    v: &'a [u8],
     v_lo: usize,
 }
 
-impl LayerRead {
+impl LayerRead<'_> {
     /// Cell `c`, KV head `h`'s record (K row, then V row) into `out`.
     fn record(&self, lay: &KvLayerLayout, c: usize, h: usize, out: &mut [u8]) {
         let ko = ((c - self.lo) * lay.n_head_kv + h) * lay.k_head_bytes;
         out[..lay.k_head_bytes].copy_from_slice(&self.k[ko..ko + lay.k_head_bytes]);
-        fill_v(lay, &self.v, self.v_lo, c, h, &mut out[lay.k_head_bytes..]);
+        fill_v(lay, self.v, self.v_lo, c, h, &mut out[lay.k_head_bytes..]);
     }
+}
+
+/// Where one layer's capture reads: K bytes from `k_at` (cell `lo` on), V
+/// bytes from `v_at` (cell `v_lo` on).
+#[derive(Debug, Clone, Copy)]
+struct ReadSpan {
+    lo: usize,
+    k_at: usize,
+    k_len: usize,
+    v_lo: usize,
+    v_at: usize,
+    v_len: usize,
 }
 
 #[derive(Debug)]
@@ -385,37 +402,42 @@ impl RecallStore {
         seq: SeqId,
         evicted: &[Vec<Vec<Evicted>>],
     ) -> Result<u64, RecallError> {
-        // The device reads go one after another (one context); the records
-        // are then built layer by layer on all cores when they stay in memory.
-        // The read buffers of this thread's last capture are reused (fresh
-        // ones fault in every page they are written to), up to
-        // `KEPT_READS` bytes: a capture of a long chat's whole cache is not
-        // worth holding on to.
-        let mut reads = READS.with(|r| std::mem::take(&mut *r.borrow_mut()));
-        reads.resize_with(evicted.len(), LayerRead::default);
-        let mut moved = 0u64;
-        let mut any = vec![false; evicted.len()];
-        let mut result = Ok(());
-        for (l, heads) in evicted.iter().enumerate() {
-            match self.read_layer(ctx, seq, l, heads, &mut reads[l]) {
-                Ok(a) => any[l] = a,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
+        // The device reads go one after another (one context), into the
+        // staging buffer (pinned on a GPU: twice the rate of pageable
+        // memory); the records are then built layer by layer on all cores
+        // when they stay in memory.
+        let spans: Vec<Option<ReadSpan>> = evicted
+            .iter()
+            .enumerate()
+            .map(|(l, heads)| self.read_span(l, heads))
+            .collect();
+        let total: usize = spans.iter().flatten().map(|s| s.k_len + s.v_len).sum();
+        let mut staging = STAGING.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rest = staging.take(total);
+        let mut reads: Vec<Option<LayerRead<'_>>> = Vec::with_capacity(spans.len());
+        for (l, span) in spans.iter().enumerate() {
+            let Some(s) = *span else {
+                reads.push(None);
+                continue;
+            };
+            let (k, tail) = std::mem::take(&mut rest).split_at_mut(s.k_len);
+            let (v, tail) = tail.split_at_mut(s.v_len);
+            rest = tail;
+            ctx.kv_read(KvPart::Base, seq, l, false, s.k_at, k)?;
+            if !v.is_empty() {
+                ctx.kv_read(KvPart::Base, seq, l, true, s.v_at, v)?;
             }
-            if any[l] {
-                moved += (reads[l].k.len() + reads[l].v.len()) as u64;
-            }
+            reads.push(Some(LayerRead {
+                k,
+                lo: s.lo,
+                v,
+                v_lo: s.v_lo,
+            }));
         }
-        if result.is_ok() {
-            result = self.keep(&reads, &any, evicted);
-        }
-        let held: usize = reads.iter().map(|r| r.k.capacity() + r.v.capacity()).sum();
-        if held <= KEPT_READS {
-            READS.with(|r| *r.borrow_mut() = reads);
-        }
-        result.map(|()| moved)
+        let kept = self.keep(&reads, evicted);
+        drop(reads);
+        staging.trim();
+        kept.map(|()| total as u64)
     }
 
     /// The records of `evicted`'s entries not held yet, from `reads` (layers
@@ -423,8 +445,7 @@ impl RecallStore {
     /// appended in order.
     fn keep(
         &mut self,
-        reads: &[LayerRead],
-        any: &[bool],
+        reads: &[Option<LayerRead<'_>>],
         evicted: &[Vec<Vec<Evicted>>],
     ) -> Result<(), RecallError> {
         if self.disk.is_none() {
@@ -432,23 +453,18 @@ impl RecallStore {
             let added: u64 = self
                 .layers
                 .par_iter_mut()
-                .zip(reads.par_iter().zip(any.par_iter()))
+                .zip(reads.par_iter())
                 .zip(evicted.par_iter())
-                .map(|((layer, (read, &any)), heads)| {
-                    if any {
-                        layer.keep_in_memory(read, heads)
-                    } else {
-                        0
-                    }
+                .map(|((layer, read), heads)| {
+                    read.as_ref()
+                        .map_or(0, |read| layer.keep_in_memory(read, heads))
                 })
                 .sum();
             self.bytes += added;
             return Ok(());
         }
         for (l, (r, heads)) in reads.iter().zip(evicted).enumerate() {
-            if !any[l] {
-                continue;
-            }
+            let Some(r) = r else { continue };
             let lay = self.layers[l].layout;
             let mut record = vec![0u8; self.layers[l].record()];
             for (h, entries) in heads.iter().enumerate() {
@@ -467,45 +483,34 @@ impl RecallStore {
         Ok(())
     }
 
-    /// Storage layer `l`'s K rows (and V rows, or the whole transposed V)
-    /// spanning the cells of `heads`' entries, into `out`; false when there
-    /// are none.
-    fn read_layer(
-        &self,
-        ctx: &Context<'_>,
-        seq: SeqId,
-        l: usize,
-        heads: &[Vec<Evicted>],
-        out: &mut LayerRead,
-    ) -> Result<bool, RecallError> {
-        let Some((lo, hi)) = heads.iter().flatten().map(|&(c, _, _)| c).fold(
+    /// Where storage layer `l`'s K rows (and V rows, or the whole
+    /// transposed V) spanning the cells of `heads`' entries lie; `None` when
+    /// there are none.
+    fn read_span(&self, l: usize, heads: &[Vec<Evicted>]) -> Option<ReadSpan> {
+        let (lo, hi) = heads.iter().flatten().map(|&(c, _, _)| c).fold(
             None,
             |acc: Option<(usize, usize)>, c| {
                 Some(acc.map_or((c, c), |(a, b)| (a.min(c), b.max(c))))
             },
-        ) else {
-            return Ok(false);
-        };
+        )?;
         let lay = self.layers[l].layout;
         let k_row = lay.k_head_bytes * lay.n_head_kv;
-        out.k.resize((hi + 1 - lo) * k_row, 0);
-        out.lo = lo;
-        ctx.kv_read(KvPart::Base, seq, l, false, lo * k_row, &mut out.k)?;
-        // V: the rows of the same cells, or (transposed) the whole tensor.
-        if lay.v_head_bytes == 0 {
-            out.v.clear();
-            out.v_lo = 0;
+        let v_row = lay.v_head_bytes * lay.n_head_kv;
+        let (v_lo, v_at, v_len) = if lay.v_head_bytes == 0 {
+            (0, 0, 0)
         } else if lay.v_trans {
-            out.v.resize(lay.v_bytes, 0);
-            out.v_lo = 0;
-            ctx.kv_read(KvPart::Base, seq, l, true, 0, &mut out.v)?;
+            (0, 0, lay.v_bytes)
         } else {
-            let v_row = lay.v_head_bytes * lay.n_head_kv;
-            out.v.resize((hi + 1 - lo) * v_row, 0);
-            out.v_lo = lo;
-            ctx.kv_read(KvPart::Base, seq, l, true, lo * v_row, &mut out.v)?;
-        }
-        Ok(true)
+            (lo, lo * v_row, (hi + 1 - lo) * v_row)
+        };
+        Some(ReadSpan {
+            lo,
+            k_at: lo * k_row,
+            k_len: (hi + 1 - lo) * k_row,
+            v_lo,
+            v_at,
+            v_len,
+        })
     }
 
     /// Appends one record to the file (host memory takes whole layers in
@@ -592,6 +597,7 @@ impl RecallStore {
                 moved += v.len() as u64;
             }
         }
+        staging.trim();
         Ok(moved)
     }
 
