@@ -23,22 +23,16 @@ mkdir -p /root/w/out
 q8="-ctk q8_0 -ctv q8_0"
 q84="-ctk q8_0 -ctv q4_0"
 rec="-v --kv-recall host -ngl 99 -fa on"
-# Replies first (--decode-share replies): on the H100 lease at 575b72d the compressed server's
-# decode steps carried 1.06 replies each and almost never prompt chunks, yet a 13-token reply's
-# span averaged 110 ms against about 40 ms of steps: the rest were other slots' compressions
-# (three ranking passes, turns, held-back compactions), each paid back too briefly to keep a
-# reply whole. Here a compression waits for streaming replies unless it has waited 500 ms and
-# the per-reply payback is over. With --batch-replies 1500 as well, replies parked while turns
-# wait for their compressions then stream together, uncut (rfb). Each set runs replies-first,
-# both together, and per-reply (this lease's baseline); sets a and c the uncompressed server too.
-# A compressed run takes about 40 s, an uncompressed one about 70 s (H100). From de03380 on, recall
-# uploads gather into pinned host memory: compare the `rank pass` and `recall upload` lines' upload
-# times with the H100 lease of 575b72d (12-19 ms a pass, 14-18 ms gather and write).
-for set in a:0 c:40 d:60; do
+# The defaults as shipped from 7af9190 on (--decode-share replies --batch-replies 1500, pinned
+# staging for recall's reads and uploads). On the H100 lease of de03380 these two flags decoded
+# 3.65x as fast as the uncompressed server on sets a and c (runs rfb, docs/results/
+# serve-load-h100-replies-first/). Here: the compressed server with no scheduling flags, and the
+# uncompressed one, on sets a and c; then set d compressed. About 35 s a compressed run, 65 s an
+# uncompressed one (H100).
+for set in a:0 c:40; do
   s="${set%%:*}" first="${set##*:}"
-  go "q84-rf-$s" chunkkv "$new" CTX=327680 FIRST="$first" EXTRA="$rec $q84 --decode-share replies"
-  go "q84-rfb-$s" chunkkv "$new" CTX=327680 FIRST="$first" EXTRA="$rec $q84 --decode-share replies --batch-replies 1500"
   go "q84-$s" chunkkv "$new" CTX=327680 FIRST="$first" EXTRA="$rec $q84"
-  [ "$s" = d ] || go "none-$s" chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST="$first"
+  go "none-$s" chunkkv "$new" NONE=0 BUDGETS=" " QUEUED=1 NP_FULL=4 FIRST="$first"
 done
+go "q84-d" chunkkv "$new" CTX=327680 FIRST=60 EXTRA="$rec $q84"
 echo "$(date -u +%T) all done"

@@ -52,8 +52,9 @@ pub struct ServeArgs {
     pub trace: Option<String>,
     /// A compressed turn's reply waits up to about MS milliseconds for the
     /// other short turns waiting for their compression, so the replies start
-    /// together and decode in one batch (0: every reply starts at once).
-    #[arg(long = "batch-replies", value_name = "MS", default_value_t = 0)]
+    /// together and decode in one batch (0: every reply starts at once). No
+    /// reply waits when a compression takes longer than MS (a CPU).
+    #[arg(long = "batch-replies", value_name = "MS", default_value_t = 1500)]
     pub batch_replies: u64,
     /// With --kv-recall: a turn's reply is decoded over everything the turn
     /// brought back, or over all of a prompt that fit its slot (a slot owns
@@ -66,8 +67,8 @@ pub struct ServeArgs {
     /// one: as long again (half), or as long again for each streaming reply
     /// (per-reply: every request gets an equal share of the engine), or
     /// until no reply streams, unless it has waited 500 ms and the per-reply
-    /// payback is over (replies: first).
-    #[arg(long = "decode-share", value_enum, default_value_t = Share::PerReply)]
+    /// payback is over (replies: first, the default).
+    #[arg(long = "decode-share", value_enum, default_value_t = Share::Replies)]
     pub share: Share,
     /// While replies stream, a step carries at most TOKENS (prompt chunks and
     /// the replies' tokens together), so a streamed token waits for that much

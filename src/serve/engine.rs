@@ -145,17 +145,20 @@ pub enum Share {
     Half,
     /// As long again for each streaming reply: every request, streaming or
     /// waiting for its compression, gets an equal share of the engine, so
-    /// replies are cut less the more of them stream. The default: on an
-    /// H100 it decoded 59% faster than `Half` with 256-token replies and
-    /// as fast with short ones (docs/results/serve-load.md, "Shares").
-    #[default]
+    /// replies are cut less the more of them stream. On an H100 it decoded
+    /// 59% faster than `Half` with 256-token replies and as fast with short
+    /// ones (docs/results/serve-load.md, "Shares").
     PerReply,
     /// Replies first: while replies stream, a compression waits as with
     /// `PerReply` and in any case [`REPLIES_FIRST_WAIT`] from when it is
     /// first held. A short reply then streams without a stall, however
     /// finely its neighbours' turns are cut into steps (three ranking
     /// passes of 40 ms, the turn, a held-back compaction on a GPU), while a
-    /// long one still lets a turn in every half second or so.
+    /// long one still lets a turn in every half second or so. The default:
+    /// on an H100 it decoded 1.54x as fast as `PerReply` (1.74x with
+    /// replies batched), with time to first token as short
+    /// (docs/results/serve-load.md, "Replies first").
+    #[default]
     Replies,
 }
 
