@@ -157,7 +157,7 @@ pub enum Share {
     /// long one still lets a turn in every half second or so. The default:
     /// on an H100 it decoded 1.54x as fast as `PerReply` (1.74x with
     /// replies batched), with time to first token as short
-    /// (docs/results/serve-load.md, "Replies first").
+    /// (docs/results/serve-load.md, "H100: replies first by default").
     #[default]
     Replies,
 }
