@@ -827,3 +827,29 @@ fn fnv1a(bytes: &[u8]) -> u64 {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A staging buffer (ordinary memory here, pinned on a GPU) gives the
+    /// length asked for, keeps what it grew to for the next transfer, and
+    /// frees only what grew past `KEPT_STAGING`.
+    #[test]
+    fn staging_grows_is_reused_and_trims_only_what_is_too_big() {
+        let mut s = Staging {
+            pinned: None,
+            heap: Vec::new(),
+            no_pinned: true,
+        };
+        assert_eq!(s.take(1000).len(), 1000);
+        s.take(1000)[999] = 7;
+        assert_eq!(s.take(10).len(), 10);
+        assert_eq!(s.heap.len(), 1000, "a smaller transfer reuses the buffer");
+        s.trim();
+        assert_eq!(s.heap.len(), 1000, "a small buffer is kept");
+        assert_eq!(s.take(KEPT_STAGING + 1).len(), KEPT_STAGING + 1);
+        s.trim();
+        assert!(s.heap.is_empty(), "a buffer past KEPT_STAGING is freed");
+    }
+}
