@@ -32,7 +32,8 @@ static STAGING: Mutex<Staging> = Mutex::new(Staging {
     no_pinned: false,
 });
 
-/// Upload staging memory: pinned when the GPU offers it, else ordinary.
+/// Staging memory for recall's transfers: pinned when the GPU offers it,
+/// else ordinary.
 struct Staging {
     pinned: Option<HostBuffer>,
     heap: Vec<u8>,
@@ -47,12 +48,13 @@ impl Staging {
             // Grown by half again, so a slowly rising need does not reallocate
             // (pinning pages costs about as much as copying them).
             let want = len + len / 2;
+            // The old buffer goes first: the two are never pinned at once.
             self.pinned = None;
             self.pinned = HostBuffer::for_gpu(Backend::init(), want);
             self.no_pinned = self.pinned.is_none();
             if let Some(b) = &self.pinned {
                 tracing::debug!(
-                    "recall uploads: {:.1} MiB of pinned staging",
+                    "recall staging: {:.1} MiB of pinned host memory",
                     mib(b.len() as u64)
                 );
             }
@@ -77,6 +79,22 @@ impl Staging {
             self.heap = Vec::new();
         }
     }
+}
+
+/// Cuts `buf` into one (K, V) pair of slices per `(k_len, v_len)` of `sizes`,
+/// back to back: each layer's rows as one transfer moves them.
+fn split_layers(
+    mut buf: &mut [u8],
+    sizes: impl IntoIterator<Item = (usize, usize)>,
+) -> Vec<(&mut [u8], &mut [u8])> {
+    let mut parts = Vec::new();
+    for (k_len, v_len) in sizes {
+        let (k, tail) = std::mem::take(&mut buf).split_at_mut(k_len);
+        let (v, tail) = tail.split_at_mut(v_len);
+        parts.push((k, v));
+        buf = tail;
+    }
+    parts
 }
 
 /// A row about to be evicted: its cell, position and importance.
@@ -413,16 +431,15 @@ impl RecallStore {
             .collect();
         let total: usize = spans.iter().flatten().map(|s| s.k_len + s.v_len).sum();
         let mut staging = STAGING.lock().unwrap_or_else(|e| e.into_inner());
-        let mut rest = staging.take(total);
+        let sizes = spans.iter().flatten().map(|s| (s.k_len, s.v_len));
+        let mut parts = split_layers(staging.take(total), sizes).into_iter();
         let mut reads: Vec<Option<LayerRead<'_>>> = Vec::with_capacity(spans.len());
         for (l, span) in spans.iter().enumerate() {
             let Some(s) = *span else {
                 reads.push(None);
                 continue;
             };
-            let (k, tail) = std::mem::take(&mut rest).split_at_mut(s.k_len);
-            let (v, tail) = tail.split_at_mut(s.v_len);
-            rest = tail;
+            let (k, v) = parts.next().expect("split_layers cuts one part per span");
             ctx.kv_read(KvPart::Base, seq, l, false, s.k_at, k)?;
             if !v.is_empty() {
                 ctx.kv_read(KvPart::Base, seq, l, true, s.v_at, v)?;
@@ -440,9 +457,9 @@ impl RecallStore {
         kept.map(|()| total as u64)
     }
 
-    /// The records of `evicted`'s entries not held yet, from `reads` (layers
-    /// flagged in `any`): in memory, layer by layer on all cores; on disk,
-    /// appended in order.
+    /// The records of `evicted`'s entries not held yet, from `reads` (`None`:
+    /// nothing was read for that layer): in memory, layer by layer on all
+    /// cores; on disk, appended in order.
     fn keep(
         &mut self,
         reads: &[Option<LayerRead<'_>>],
@@ -554,14 +571,11 @@ impl RecallStore {
                 .collect();
             let total = sizes.iter().map(|(k, v)| k + v).sum();
             // Each layer's K and V rows, laid out as the device holds them.
-            let mut parts: Vec<(usize, &mut [u8], &mut [u8])> = Vec::with_capacity(chunk.len());
-            let mut rest = staging.take(total);
-            for (&l, &(kb, vb)) in chunk.iter().zip(&sizes) {
-                let (k, tail) = rest.split_at_mut(kb);
-                let (v, tail) = tail.split_at_mut(vb);
-                parts.push((l, k, v));
-                rest = tail;
-            }
+            let mut parts: Vec<(usize, &mut [u8], &mut [u8])> = chunk
+                .iter()
+                .zip(split_layers(staging.take(total), sizes))
+                .map(|(&l, (k, v))| (l, k, v))
+                .collect();
             if self.disk.is_some() {
                 for (l, k, v) in parts.iter_mut() {
                     let records = self.head_records(*l, &picks[*l])?;
