@@ -615,6 +615,27 @@ mod tests {
         );
     }
 
+    /// `serve` schedules replies first and batches them for 1500 ms unless
+    /// told otherwise (docs/serve.md, "Shares"); the old behaviour stays a
+    /// flag away.
+    #[test]
+    fn serve_schedules_replies_first_by_default() {
+        use crate::serve::engine::Share;
+        use clap::Parser;
+        let serve = |extra: &[&str]| {
+            let argv = ["chunkkv", "serve"].iter().chain(extra);
+            match Cli::try_parse_from(argv).unwrap().command {
+                super::Command::Serve(a) => (a.share, a.batch_replies),
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(serve(&[]), (Share::Replies, 1500));
+        assert_eq!(
+            serve(&["--decode-share", "per-reply", "--batch-replies", "0"]),
+            (Share::PerReply, 0)
+        );
+    }
+
     #[test]
     fn llama_style_flags_are_rewritten() {
         let args = Cli::normalize(
